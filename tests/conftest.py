@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models and a training loop that also keeps the dense Δθ oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, d_in: int = 12, hidden: int = 40, d_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make_tiny(seed: int = 0, **kw) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny(**kw)
+
+
+def train(store, model, *, steps=20, batch=8, lr=0.1, seed=0, ids_fn=None, momentum=0.0, watch=None):
+    """Train ``model`` with ``store`` attached; return per-step dense Δθ and IDs (the oracle)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    d_in = model.fc1.in_features
+    oracle, all_ids = [], []
+    with store.recorder(model, opt, watch=watch) as rec:
+        for s in range(steps):
+            x = torch.randn(batch, d_in, generator=g)
+            y = torch.randint(0, model.fc2.out_features, (batch,), generator=g)
+            ids = ids_fn(s) if ids_fn else np.arange(s * batch, (s + 1) * batch)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with rec.batch(ids):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            oracle.append({n: (p.detach() - before[n]) for n, p in model.named_parameters()})
+            all_ids.append(np.asarray(ids))
+    return oracle, all_ids
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny()
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "run.zarr"

@@ -1,0 +1,68 @@
+"""FORMAT.md is a contract: a plain-zarr reader following it gets the stored updates."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import make_tiny, train
+from updatestore import UpdateStore
+
+FORMAT = Path(__file__).parents[1] / "updatestore" / "FORMAT.md"
+
+
+def _reader_block() -> str:
+    text = FORMAT.read_text()
+    section = text[text.index("## Reading a store with plain `zarr`"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.parametrize("keep,dtype,positions", [(0.2, "bfloat16", "bitmap"), (0.01, "float16", "gaps"),
+                                                   (1.0, "float32", "auto")])
+def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, positions):
+    model = make_tiny(hidden=300)
+    with UpdateStore.create(tmp_path / "run.zarr", model, keep=keep, value_dtype=dtype,
+                            positions=positions) as store:
+        train(store, model, steps=9)
+        expected = store.read_rows("fc1.weight", 0, 9)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(_reader_block(), scope)  # the documented snippet, verbatim
+    assert scope["layer"]["name"] == "fc1.weight"
+    np.testing.assert_array_equal(scope["values"].astype(np.float32), expected[0].numpy())
+    want_pos = expected[1].numpy() if expected[1] is not None else np.broadcast_to(np.arange(12 * 300), (9, 3600))
+    np.testing.assert_array_equal(scope["positions"], want_pos)
+
+
+def test_documented_tree_and_attributes(tmp_path):
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.1) as store:
+        train(store, model, steps=3)
+    root = zarr.open_group(tmp_path / "s", mode="r")
+    meta = root.attrs["updatestore"]
+    for key in ("format", "format_version", "library_version", "created", "config", "value_dtype",
+                "block_steps", "model_fingerprint", "layers"):
+        assert key in meta
+    assert root["steps"].attrs["num_steps"] == 3 and root["steps"].attrs["num_samples"] == 24
+    assert root["steps/status"].dtype == np.uint8 and root["samples/ids"].dtype == np.int64
+    for layer in meta["layers"]:
+        g = root[f"layers/{layer['name']}"]
+        assert g.attrs["updatestore"] == layer
+        assert g["values"].shape == (3, layer["k"]) and g["values"].dtype == np.uint16
+        codecs = [type(c).__name__ for c in g["values"].metadata.codecs]
+        assert codecs == ["ShardingCodec"]
+        inner = [type(c).__name__ for c in g["values"].metadata.codecs[0].codecs]
+        assert inner == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+    assert meta["layers"][0]["positions"] == "bitmap"
+
+
+def test_files_far_fewer_than_steps_times_layers(tmp_path):
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.1) as store:
+        train(store, model, steps=200)
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    # 4 layers × 2 arrays × 1 shard + steps/samples chunks + zarr.json files
+    assert len(files) < 40 < 200 * 4

@@ -1,0 +1,100 @@
+"""Property tests: encoders round-trip, the inverse index equals a brute-force scan."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from updatestore.encoding import (
+    decode_bitmap,
+    decode_gaps,
+    encode_bitmap,
+    encode_gaps,
+    values_from_numpy,
+    values_to_numpy,
+)
+from updatestore.index import SampleIndex
+from updatestore.pruning import prune_topk
+
+
+@st.composite
+def position_rows(draw):
+    numel = draw(st.integers(1, 70000))
+    k = draw(st.integers(1, min(numel, 50)))
+    n = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    rows = np.stack([np.sort(rng.choice(numel, size=k, replace=False)) for _ in range(n)])
+    return rows, numel, k
+
+
+@given(position_rows())
+@settings(max_examples=60, deadline=None)
+def test_gaps_round_trip(case):
+    rows, numel, _ = case
+    np.testing.assert_array_equal(decode_gaps(encode_gaps(rows, numel), numel), rows)
+
+
+@given(position_rows())
+@settings(max_examples=60, deadline=None)
+def test_bitmap_round_trip(case):
+    rows, numel, k = case
+    bm = encode_bitmap(rows, numel)
+    assert bm.shape == (len(rows), (numel + 7) // 8)
+    np.testing.assert_array_equal(decode_bitmap(bm, numel, k), rows)
+    # agrees with numpy's own bit packing
+    dense = np.zeros((len(rows), numel), dtype=np.uint8)
+    np.put_along_axis(dense, rows, 1, axis=1)
+    np.testing.assert_array_equal(bm, np.packbits(dense, axis=1))
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64),
+       st.sampled_from(["bfloat16", "float16", "float32"]))
+@settings(max_examples=80, deadline=None)
+def test_values_round_trip_matches_torch_cast(vals, dtype):
+    t = torch.tensor(vals, dtype=torch.float32)
+    back = values_from_numpy(values_to_numpy(t, dtype), dtype)
+    want = t.to(getattr(torch, dtype)).float()
+    assert torch.equal(back, want)
+
+
+@given(st.integers(1, 300), st.integers(1, 50), st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_prune_topk_is_topk(numel, k, seed):
+    k = min(k, numel)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g) * (torch.rand(numel, generator=g) > 0.3)
+    vals, pos = prune_topk(x, k)
+    if pos is None:
+        assert k == numel and torch.equal(vals, x)
+        return
+    assert len(pos) == k and torch.all(pos[1:] > pos[:-1]) and torch.equal(vals, x[pos])
+    rest = torch.ones(numel, dtype=torch.bool)
+    rest[pos] = False
+    if rest.any():
+        assert vals.abs().min() >= x[rest].abs().max()
+
+
+@st.composite
+def step_tables(draw):
+    n_steps = draw(st.integers(0, 40))
+    universe = draw(st.integers(1, 60))
+    ids = [draw(st.lists(st.integers(-5, universe), min_size=1, max_size=8)) for _ in range(n_steps)]
+    query = draw(st.lists(st.integers(-10, universe + 5), max_size=12))
+    return ids, query
+
+
+@given(step_tables())
+@settings(max_examples=150, deadline=None)
+def test_index_equals_brute_force(case):
+    steps, query = case
+    flat = np.array([i for s in steps for i in s], dtype=np.int64)
+    ends = np.cumsum([len(s) for s in steps]).astype(np.int64)
+    index = SampleIndex(flat, ends)
+    brute = sorted({s for s, ids in enumerate(steps) if set(ids) & set(query)})
+    assert index.batches_containing(query).tolist() == brute
+    assert index.contains(query).tolist() == [any(q in s for s in steps) for q in query]
+    for s, ids in enumerate(steps):
+        assert index.samples_in(s).tolist() == ids
+    chosen = np.array(brute, dtype=np.int64)
+    assert index.samples_in_steps(chosen).tolist() == [i for s in brute for i in steps[s]]

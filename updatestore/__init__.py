@@ -1,0 +1,48 @@
+"""updatestore: layer-wise pruned per-step parameter updates in a Zarr v3 store.
+
+>>> from updatestore import UpdateStore
+"""
+
+__version__ = "0.1.0"
+
+from .config import StoreConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    CorruptStoreError,
+    ModelMismatchError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RecorderError,
+    SampleIdError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnsupportedFormatError,
+    UpdateStoreError,
+    WriterError,
+)
+from .footprint import Footprint  # noqa: E402
+from .layout import FORMAT_VERSION, LayerSpec  # noqa: E402
+from .recorder import Recorder  # noqa: E402
+from .store import UpdateStore  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "UpdateStore",
+    "Recorder",
+    "StoreConfig",
+    "LayerSpec",
+    "Footprint",
+    "UpdateStoreError",
+    "StoreNotFoundError",
+    "StoreExistsError",
+    "NotAStoreError",
+    "UnsupportedFormatError",
+    "ConfigError",
+    "ModelMismatchError",
+    "ReadOnlyStoreError",
+    "RecorderError",
+    "SampleIdError",
+    "WriterError",
+    "CorruptStoreError",
+]

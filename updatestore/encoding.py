@@ -1,0 +1,124 @@
+"""Kept values and their positions, to plain numpy arrays and back.
+
+Rows are batches of steps: ``(n_steps, k)`` values and sorted positions.
+Positions are flat indices into the layer (``param.view(-1)``).
+
+* ``gaps``: sorted positions delta-coded along the row; column 0 is absolute.
+  Unsigned, 16-bit when the layer has at most 65 536 entries, else 32-bit.
+* ``bitmap``: one bit per entry of the layer, set where the entry was kept,
+  packed most-significant-bit first (``numpy.packbits``), ``ceil(numel / 8)`` bytes.
+* ``dense``: keep = 1, all entries in order; no positions are stored.
+
+bfloat16 values are stored as their raw 16 bits (``uint16``) because Zarr v3
+has no bfloat16 data type; ``float32(bits << 16)`` recovers them exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "value_storage_dtype",
+    "values_to_numpy",
+    "values_from_numpy",
+    "gap_dtype",
+    "encode_gaps",
+    "decode_gaps",
+    "bitmap_nbytes",
+    "encode_bitmap",
+    "decode_bitmap",
+    "CorruptRowError",
+]
+
+_TORCH_VALUE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_NUMPY_VALUE = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
+
+
+class CorruptRowError(ValueError):
+    """Decoded positions are not a valid row (wrong count, out of range, unsorted)."""
+
+
+def value_storage_dtype(value_dtype: str) -> np.dtype:
+    """The numpy/Zarr dtype a value dtype is stored as (bfloat16 → uint16 bits)."""
+    return _NUMPY_VALUE[value_dtype]
+
+
+def torch_value_dtype(value_dtype: str) -> torch.dtype:
+    return _TORCH_VALUE[value_dtype]
+
+
+def values_to_numpy(values: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """Cast (on the tensor's device), copy to host, and view as the storage dtype.
+
+    Always returns memory of its own: the recorder reuses its device buffers and
+    the writer encodes later, on another thread.
+    """
+    t = values.detach().to(_TORCH_VALUE[value_dtype], copy=True).cpu()
+    if value_dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def values_from_numpy(stored: np.ndarray, value_dtype: str) -> torch.Tensor:
+    """Stored array → float32 tensor (exact: every stored dtype widens losslessly)."""
+    if value_dtype == "bfloat16":
+        bits = np.ascontiguousarray(stored, dtype=np.uint16).astype(np.uint32) << 16
+        return torch.from_numpy(bits.view(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(stored).astype(np.float32, copy=False))
+
+
+def gap_dtype(numel: int) -> np.dtype:
+    return np.dtype("uint16") if numel <= 2**16 else np.dtype("uint32")
+
+
+def encode_gaps(positions: np.ndarray, numel: int) -> np.ndarray:
+    """Sorted positions ``(n, k)`` → gaps ``(n, k)`` (first column absolute)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    gaps = np.empty(pos.shape, dtype=gap_dtype(numel))
+    if pos.shape[1]:
+        gaps[:, 0] = pos[:, 0]
+        gaps[:, 1:] = np.diff(pos, axis=1)
+    return gaps
+
+
+def decode_gaps(gaps: np.ndarray, numel: int) -> np.ndarray:
+    pos = np.cumsum(gaps, axis=1, dtype=np.int64)
+    if pos.size and (pos[:, -1].max() >= numel or (pos.shape[1] > 1 and (gaps[:, 1:] == 0).any())):
+        raise CorruptRowError("gap-coded positions are out of range or repeat an entry")
+    return pos
+
+
+def bitmap_nbytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def encode_bitmap(positions: np.ndarray, numel: int) -> np.ndarray:
+    """Sorted, unique positions ``(n, k)`` → packed bitmaps ``(n, ceil(numel/8))`` uint8."""
+    pos = np.asarray(positions, dtype=np.int64)
+    n, _ = pos.shape
+    nbytes = bitmap_nbytes(numel)
+    # Positions are unique, so summing each byte's bit values equals OR-ing them;
+    # bincount does it in one vectorised pass.
+    flat_byte = (np.arange(n, dtype=np.int64)[:, None] * nbytes + (pos >> 3)).ravel()
+    bit = (np.uint8(128) >> (pos & 7).astype(np.uint8)).ravel()
+    out = np.bincount(flat_byte, weights=bit, minlength=n * nbytes)
+    return out.astype(np.uint8).reshape(n, nbytes)
+
+
+def decode_bitmap(bitmaps: np.ndarray, numel: int, k: int) -> np.ndarray:
+    """Packed bitmaps ``(n, nbytes)`` → sorted positions ``(n, k)``.
+
+    Only the non-zero bytes are unpacked, so sparse rows decode fast.
+    """
+    bm = np.asarray(bitmaps, dtype=np.uint8)
+    n = bm.shape[0]
+    rows, cols = np.nonzero(bm)
+    bits = np.unpackbits(bm[rows, cols][:, None], axis=1)
+    which, bit = np.nonzero(bits)
+    pos = cols[which].astype(np.int64) * 8 + bit
+    row_of = rows[which]
+    counts = np.bincount(row_of, minlength=n)
+    if (counts != k).any() or (pos.size and pos.max() >= numel):
+        raise CorruptRowError(f"bitmap rows do not each hold exactly {k} entries below {numel}")
+    return pos.reshape(n, k)

@@ -1,0 +1,64 @@
+"""The storage footprint of a store against a full amnesiac log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Footprint"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes on disk against a dense float32 log of the same stored steps.
+
+    ``full_log_bytes`` = stored steps × parameters × 4 (one dense float32 Δθ per
+    step, the "full amnesiac log"); ``ratio`` = ``total_bytes / full_log_bytes``.
+    """
+
+    total_bytes: int
+    layer_bytes: dict[str, int]
+    index_bytes: int
+    full_log_bytes: int
+    stored_steps: int
+    kept_fraction: float
+    per_layer_full: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.total_bytes / self.full_log_bytes if self.full_log_bytes else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "total_bytes": self.total_bytes,
+            "layer_bytes": dict(self.layer_bytes),
+            "index_bytes": self.index_bytes,
+            "full_log_bytes": self.full_log_bytes,
+            "stored_steps": self.stored_steps,
+            "kept_fraction": self.kept_fraction,
+            "ratio": self.ratio,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"update store: {_human(self.total_bytes)} on disk for {self.stored_steps} stored steps "
+            f"(kept {self.kept_fraction:.2%} of entries)",
+            f"full amnesiac log (dense float32): {_human(self.full_log_bytes)}",
+            f"ratio: {self.ratio:.2%} of the full log ({1 / self.ratio:.1f}x smaller)"
+            if self.full_log_bytes and self.total_bytes
+            else "ratio: n/a (no stored steps)",
+            f"sample index and step table: {_human(self.index_bytes)}",
+        ]
+        width = max((len(n) for n in self.layer_bytes), default=0)
+        for name, nbytes in self.layer_bytes.items():
+            full = self.per_layer_full.get(name, 0)
+            share = f"  ({nbytes / full:.2%} of its full log)" if full else ""
+            lines.append(f"  {name:<{width}}  {_human(nbytes):>10}{share}")
+        return "\n".join(lines)

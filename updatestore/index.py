@@ -1,0 +1,108 @@
+"""Sample IDs per step and the inverse index that answers "which steps saw these samples"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import SampleIdError
+
+__all__ = ["as_sample_ids", "SampleIndex"]
+
+
+def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
+    """A 1-D int64 array from a list, numpy array or torch tensor of integers.
+
+    Floats, booleans and strings are refused: sample IDs are keys, and a silently
+    rounded key would forget the wrong person's data.
+
+    >>> as_sample_ids([3, 1, 2]).tolist()
+    [3, 1, 2]
+    """
+    if hasattr(ids, "detach") and hasattr(ids, "cpu"):  # torch tensor, without importing torch
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        ids = [ids]
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise SampleIdError(f"{what} must be a 1-D sequence of integers ({exc})") from None
+    if arr.dtype == object:
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr.ravel()):
+            raise SampleIdError(f"{what} must be integers; got {arr.ravel()[:3].tolist()}...")
+        arr = arr.astype(np.int64)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise SampleIdError(
+            f"{what} must be integers, got dtype {arr.dtype} (e.g. {arr.ravel()[:3].tolist()}); "
+            "pass the dataset's integer keys, not floats or strings"
+        )
+    if arr.ndim != 1:
+        raise SampleIdError(f"{what} must be 1-D, got shape {arr.shape}; flatten them first")
+    if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+        raise SampleIdError(f"{what} must fit in int64")
+    return arr.astype(np.int64, copy=False)
+
+
+class SampleIndex:
+    """Inverse index over ``ids`` (all steps' sample IDs concatenated) and ``ends``.
+
+    ``ends[s]`` is the exclusive end offset of step ``s`` in ``ids``. Queries are
+    vectorised: a ``searchsorted`` into the IDs sorted once, no loop over steps.
+
+    >>> idx = SampleIndex(np.array([5, 7, 7, 9]), np.array([2, 4]))
+    >>> idx.batches_containing([7]).tolist(), idx.batches_containing([9, 11]).tolist()
+    ([0, 1], [1])
+    """
+
+    def __init__(self, ids: np.ndarray, ends: np.ndarray) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.ends = np.asarray(ends, dtype=np.int64)
+        counts = np.diff(self.ends, prepend=0)
+        step_of = np.repeat(np.arange(len(self.ends), dtype=np.int64), counts)
+        order = np.argsort(self.ids, kind="stable")
+        self.sorted_ids = self.ids[order]
+        self.sorted_steps = step_of[order]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.ends)
+
+    def _ranges(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.unique(query)
+        return np.searchsorted(self.sorted_ids, q, "left"), np.searchsorted(self.sorted_ids, q, "right")
+
+    def contains(self, query: Any) -> np.ndarray:
+        """Boolean mask: which of ``query`` appear in any step."""
+        q = as_sample_ids(query)
+        lo = np.searchsorted(self.sorted_ids, q, "left")
+        hi = np.searchsorted(self.sorted_ids, q, "right")
+        return hi > lo
+
+    def batches_containing(self, query: Any) -> np.ndarray:
+        """Sorted, unique steps in which any of ``query`` was used."""
+        lo, hi = self._ranges(as_sample_ids(query))
+        lengths = hi - lo
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        # All positions lo[i]..hi[i]-1, concatenated, without a Python loop.
+        starts = np.repeat(lo - np.cumsum(lengths) + lengths, lengths)
+        pos = starts + np.arange(total, dtype=np.int64)
+        return np.unique(self.sorted_steps[pos])
+
+    def samples_in(self, step: int) -> np.ndarray:
+        start = 0 if step == 0 else int(self.ends[step - 1])
+        return self.ids[start : int(self.ends[step])]
+
+    def samples_in_steps(self, steps: np.ndarray) -> np.ndarray:
+        """All sample IDs (with repeats) of the given steps, concatenated."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if steps.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        starts = np.where(steps == 0, 0, self.ends[np.maximum(steps - 1, 0)])
+        lengths = self.ends[steps] - starts
+        pos = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        return self.ids[pos]

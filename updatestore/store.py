@@ -1,0 +1,398 @@
+"""``UpdateStore``: create/open a store, record into it, read rows, query, footprint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.errors
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, MemoryStore
+
+from . import __version__
+from .config import StoreConfig, resolve_keep
+from .encoding import CorruptRowError, decode_bitmap, decode_gaps, values_from_numpy
+from .errors import (
+    ConfigError,
+    CorruptStoreError,
+    ModelMismatchError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RecorderError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UpdateStoreError,
+)
+from .footprint import Footprint
+from .index import SampleIndex, as_sample_ids
+from .layout import (
+    STATUS_RECORDED,
+    LayerSpec,
+    create_tree,
+    model_fingerprint,
+    new_meta,
+    plan_layers,
+    read_counts,
+    read_meta,
+)
+from .recorder import Recorder
+from .writer import BlockWriter, StepRecord
+
+__all__ = ["UpdateStore"]
+
+PathLike = str | os.PathLike | zarr.abc.store.Store
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_store(path: PathLike, *, read_only: bool) -> tuple[zarr.abc.store.Store, str]:
+    if isinstance(path, zarr.abc.store.Store):
+        return path, repr(path)
+    p = Path(os.fspath(path))
+    return LocalStore(p, read_only=read_only), str(p)
+
+
+class UpdateStore:
+    """Pruned per-step parameter updates of one training run, in a Zarr v3 group.
+
+    Create one before training, attach it with :meth:`recorder`, and later ask
+    which steps saw some samples (:meth:`batches_containing`) and read those
+    steps' stored updates (:meth:`read_rows`) — or let ``unlearn.amnesiac`` do it.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 2)
+    >>> with UpdateStore.create(MemoryStore(), model, keep=0.5) as store:
+    ...     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ...     with store.recorder(model, opt) as rec:
+    ...         with rec.batch([10, 11]):
+    ...             opt.zero_grad(); model(torch.ones(2, 4)).sum().backward(); opt.step()
+    ...     store.batches_containing([11]).tolist()
+    [0]
+    """
+
+    def __init__(self, root: zarr.Group, where: str, mode: str) -> None:
+        self._root = root
+        self._where = where
+        self._mode = mode
+        self._meta, specs = read_meta(root, where)
+        self._specs: tuple[LayerSpec, ...] = tuple(specs)
+        self._by_name = {s.name: s for s in specs}
+        self._steps, self._samples = read_counts(root, where)
+        self._writer: BlockWriter | None = None
+        self._writer_owner: Recorder | None = None
+        self._index: SampleIndex | None = None
+        self._status: np.ndarray | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path: PathLike, model: torch.nn.Module, *, keep: float | Mapping[str, float] = 0.1,
+               value_dtype: str = "bfloat16", positions: str = "auto", buffer_bytes: int = 64 * 2**20,
+               clevel: int = 5, overwrite: bool = False) -> "UpdateStore":
+        """A new, empty store for ``model``'s trainable parameters, opened ``"r+"``.
+
+        ``keep`` is the fraction of each layer's entries kept per step (largest
+        |Δθ|), or ``{pattern: fraction}`` with ``"*"`` as the default. See
+        :class:`StoreConfig` for the other options.
+        """
+        config = StoreConfig(keep=keep, value_dtype=value_dtype, positions=positions,
+                             buffer_bytes=buffer_bytes, clevel=clevel)
+        params = _trainable(model)
+        if not params:
+            raise ConfigError("the model has no trainable parameters to record")
+        named = [(n, tuple(p.shape), _dtype_name(p.dtype)) for n, p in params]
+        ratios = resolve_keep(config.keep, [n for n, *_ in named])
+        specs, block = plan_layers(named, ratios, config)
+        store, where = _to_store(path, read_only=False)
+        if isinstance(store, LocalStore) and store.root.exists():
+            if not overwrite and (store.root.is_file() or any(store.root.iterdir())):
+                raise StoreExistsError(
+                    f"{where} already exists and is not empty; choose a new path, "
+                    "open it with UpdateStore.open(path, 'r+'), or pass overwrite=True"
+                )
+        meta = new_meta(specs, block, config, model_fingerprint(named), __version__)
+        try:
+            root = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+            raise StoreExistsError(f"{where} already holds Zarr data; pass overwrite=True to replace it") from exc
+        create_tree(root, specs, block, config, meta)
+        return cls(root, where, "r+")
+
+    @classmethod
+    def open(cls, path: PathLike, mode: str = "r") -> "UpdateStore":
+        """Open an existing store: ``"r"`` to read and unlearn, ``"r+"`` to append."""
+        if mode not in ("r", "r+"):
+            raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
+        store, where = _to_store(path, read_only=mode == "r")
+        if isinstance(store, LocalStore):
+            if not store.root.exists():
+                raise StoreNotFoundError(
+                    f"no update store at {where}: the path does not exist; "
+                    "create one with UpdateStore.create(path, model)"
+                )
+            if not (store.root / "zarr.json").is_file():
+                raise NotAStoreError(
+                    f"{where} is not an update store (no zarr.json in it); "
+                    "check the path, or create one with UpdateStore.create(path, model)"
+                )
+        try:
+            root = zarr.open_group(store, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreNotFoundError(f"no update store at {where}") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise NotAStoreError(f"{where} is not a readable update store: {exc}") from exc
+        return cls(root, where, mode)
+
+    def __enter__(self) -> "UpdateStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Write and commit every step recorded so far (the writer otherwise writes whole blocks)."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._refresh_counts()
+
+    def close(self) -> None:
+        """Flush pending steps and release the writer; reading still works after."""
+        if self._writer is not None:
+            owner = self._writer_owner
+            if owner is not None:
+                owner.detach()
+            else:  # pragma: no cover - writer without owner does not happen
+                self._close_writer(None)
+        self._closed = True
+
+    # ------------------------------------------------------------ properties
+    @property
+    def path(self) -> str:
+        return self._where
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        """The recorded layers: name, shape, dtype, keep, k, positions encoding."""
+        return self._specs
+
+    @property
+    def value_dtype(self) -> str:
+        return self._meta["value_dtype"]
+
+    @property
+    def config(self) -> StoreConfig:
+        return StoreConfig.from_dict(self._meta["config"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The store's self-description (format and library version, fingerprint, layers...)."""
+        return dict(self._meta)
+
+    @property
+    def num_batches(self) -> int:
+        """Committed steps (optimizer steps, "batches"), skipped ones included."""
+        self._refresh_counts()
+        return self._steps
+
+    @property
+    def num_samples(self) -> int:
+        """Sample IDs indexed, counting each repeat across epochs."""
+        self._refresh_counts()
+        return self._samples
+
+    # ------------------------------------------------------------ recording
+    def recorder(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 watch: Any = None) -> Recorder:
+        """A recorder for ``model``; with ``optimizer`` it hooks ``optimizer.step()``.
+
+        ``watch``: store updates only for steps that contain one of these sample
+        IDs (every step's samples are indexed regardless).
+        """
+        return Recorder(self, model, optimizer, watch=watch)
+
+    def _require_writable(self, what: str) -> None:
+        if self._mode != "r+":
+            raise ReadOnlyStoreError(
+                f"cannot {what}: store {self._where} is open read-only; open it with UpdateStore.open(path, 'r+')"
+            )
+        if self._closed:
+            raise ReadOnlyStoreError(f"cannot {what}: store {self._where} is closed; open it again")
+
+    def _match_model(self, model: torch.nn.Module) -> list[tuple[LayerSpec, torch.nn.Parameter]]:
+        """Pair each stored layer with the model's parameter, or explain the mismatch."""
+        params = dict(_trainable(model))
+        out = []
+        for spec in self._specs:
+            p = params.pop(spec.name, None)
+            if p is None:
+                raise ModelMismatchError(
+                    f"store {self._where} was recorded for a model with layer {spec.name!r} of shape "
+                    f"{spec.shape}; this model has no trainable parameter of that name"
+                )
+            if tuple(p.shape) != spec.shape:
+                raise ModelMismatchError(
+                    f"store {self._where} was recorded for a model with layer {spec.name!r} of shape "
+                    f"{spec.shape}; this model has {tuple(p.shape)}"
+                )
+            out.append((spec, p))
+        if params:
+            raise ModelMismatchError(
+                f"this model has trainable parameter(s) {sorted(params)} that store {self._where} "
+                "does not record; freeze them (requires_grad=False) or create a store for this model"
+            )
+        return out
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ModelMismatchError`` unless ``model`` has exactly the recorded layers."""
+        self._match_model(model)
+
+    def _open_writer(self, owner: Recorder) -> None:
+        self._require_writable("record")
+        if self._writer is not None:
+            raise RecorderError(f"store {self._where} already has a recorder attached; detach it first")
+        self._refresh_counts()
+        self._writer = BlockWriter(self._root, list(self._specs), self._meta["block_steps"],
+                                   self._steps, self._samples)
+        self._writer_owner = owner
+
+    def _close_writer(self, owner: Recorder | None) -> None:
+        writer, self._writer, self._writer_owner = self._writer, None, None
+        if writer is not None:
+            try:
+                writer.close()
+            finally:
+                self._steps, self._samples = writer.committed_steps, writer.committed_samples
+
+    def _writer_put(self, record: StepRecord) -> None:
+        if self._writer is None:
+            raise RecorderError("the store's writer is closed; record inside `with store.recorder(...)`")
+        self._writer.put(record)
+
+    def _refresh_counts(self) -> None:
+        if self._writer is not None:
+            self._steps, self._samples = self._writer.committed_steps, self._writer.committed_samples
+        elif self._mode == "r":
+            # Another process may be recording: the commit record says what is safe to read.
+            self._steps, self._samples = read_counts(self._root, self._where)
+
+    # ------------------------------------------------------------ query layer
+    def _get_index(self) -> SampleIndex:
+        n = self.num_batches
+        if self._index is None or self._index.num_steps != n:
+            m = self._samples
+            ends = self._root["steps/sample_end"][:n] if n else np.zeros(0, np.int64)
+            ids = self._root["samples/ids"][:m] if m else np.zeros(0, np.int64)
+            if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
+                raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
+            self._index = SampleIndex(ids, ends)
+            self._status = self._root["steps/status"][:n] if n else np.zeros(0, np.uint8)
+        return self._index
+
+    def batches_containing(self, ids: Any) -> np.ndarray:
+        """Sorted, unique steps whose batch held any of ``ids``.
+
+        >>> store.batches_containing([3, 17, 42])      # doctest: +SKIP
+        array([  0,  12,  57, 130])
+        """
+        return self._get_index().batches_containing(ids)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Boolean mask over ``ids``: which were indexed in any step."""
+        return self._get_index().contains(ids)
+
+    def samples_in(self, step: int) -> np.ndarray:
+        """The sample IDs of one step."""
+        index = self._get_index()
+        if not isinstance(step, (int, np.integer)) or not 0 <= step < index.num_steps:
+            raise IndexError(f"step {step!r} out of range: store {self._where} has {index.num_steps} steps")
+        return index.samples_in(int(step)).copy()
+
+    def samples_in_steps(self, steps: Any) -> np.ndarray:
+        """All sample IDs of the given steps, concatenated (repeats kept)."""
+        return self._get_index().samples_in_steps(np.asarray(steps, dtype=np.int64))
+
+    def step_status(self) -> np.ndarray:
+        """Status of every committed step: 0 skipped, 1 recorded, 2 not stored (``watch``)."""
+        self._get_index()
+        assert self._status is not None
+        return self._status.copy()
+
+    # ------------------------------------------------------------ rows
+    def read_rows(self, layer: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoded rows of steps ``start..stop-1`` of one layer, as CPU tensors.
+
+        Returns ``(values, positions)``: float32 ``(n, k)`` and int64 ``(n, k)``
+        flat indices into the parameter (``None`` for a dense, keep = 1 layer).
+        Rows of steps without a stored update (status ≠ 1) are meaningless.
+        """
+        spec = self._by_name.get(layer)
+        if spec is None:
+            raise KeyError(f"store {self._where} has no layer {layer!r}; layers: {[s.name for s in self._specs]}")
+        n = self.num_batches
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"steps {start}..{stop} out of range: store {self._where} has {n} committed steps")
+        try:
+            raw_v = self._root[f"{spec.path}/values"][start:stop]
+            values = values_from_numpy(raw_v, self.value_dtype)
+            if spec.positions == "dense":
+                return values, None
+            raw_p = self._root[f"{spec.path}/positions"][start:stop]
+            if spec.positions == "gaps":
+                pos = decode_gaps(raw_p, spec.numel)
+            else:
+                pos = decode_bitmap(raw_p, spec.numel, spec.k)
+            return values, torch.from_numpy(pos)
+        except UpdateStoreError:
+            raise
+        except (CorruptRowError, Exception) as exc:
+            raise CorruptStoreError(
+                f"store {self._where}: layer {layer!r} steps {start}..{stop - 1} cannot be read: {exc}"
+            ) from exc
+
+    def _status_rows(self, start: int, stop: int) -> np.ndarray:
+        self._get_index()
+        assert self._status is not None
+        return self._status[start:stop]
+
+    # ------------------------------------------------------------ footprint
+    def footprint(self) -> Footprint:
+        """Bytes on disk (total and per layer) against a dense float32 log of the stored steps."""
+        store = self._root.store
+
+        def size(prefix: str) -> int:
+            return int(sync(store.getsize_prefix(prefix)))
+
+        layer_bytes = {s.name: size(f"{s.path}/") for s in self._specs}
+        total = size("")
+        index_bytes = size("steps/") + size("samples/")
+        stored = int((self.step_status() == STATUS_RECORDED).sum())
+        numel = sum(s.numel for s in self._specs)
+        kept = sum(s.k for s in self._specs) / numel
+        return Footprint(
+            total_bytes=total,
+            layer_bytes=layer_bytes,
+            index_bytes=index_bytes,
+            full_log_bytes=stored * numel * 4,
+            stored_steps=stored,
+            kept_fraction=kept,
+            per_layer_full={s.name: stored * s.numel * 4 for s in self._specs},
+        )
+
+    def __repr__(self) -> str:
+        return (f"UpdateStore({self._where!r}, mode={self._mode!r}, steps={self._steps}, "
+                f"layers={len(self._specs)}, value_dtype={self.value_dtype!r})")
