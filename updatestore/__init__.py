@@ -10,24 +10,29 @@ from .errors import (  # noqa: E402
     ConfigError,
     CorruptStoreError,
     ModelMismatchError,
+    NonFiniteUpdateError,
     NotAStoreError,
     ReadOnlyStoreError,
     RecorderError,
     SampleIdError,
     StoreExistsError,
     StoreNotFoundError,
+    UnlearnError,
     UnsupportedFormatError,
     UpdateStoreError,
     WriterError,
 )
 from .footprint import Footprint  # noqa: E402
-from .layout import FORMAT_VERSION, LayerSpec  # noqa: E402
+from .layout import FORMAT_VERSION, STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec  # noqa: E402
 from .recorder import Recorder  # noqa: E402
 from .store import UpdateStore  # noqa: E402
 
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
+    "STATUS_SKIPPED",
+    "STATUS_RECORDED",
+    "STATUS_NOT_STORED",
     "UpdateStore",
     "Recorder",
     "StoreConfig",
@@ -45,4 +50,6 @@ __all__ = [
     "SampleIdError",
     "WriterError",
     "CorruptStoreError",
+    "UnlearnError",
+    "NonFiniteUpdateError",
 ]

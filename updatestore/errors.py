@@ -19,6 +19,8 @@ __all__ = [
     "SampleIdError",
     "WriterError",
     "CorruptStoreError",
+    "UnlearnError",
+    "NonFiniteUpdateError",
 ]
 
 
@@ -68,3 +70,11 @@ class WriterError(UpdateStoreError, RuntimeError):
 
 class CorruptStoreError(UpdateStoreError, ValueError):
     """Stored data failed its checksum or does not decode; names the layer and steps."""
+
+
+class UnlearnError(UpdateStoreError, RuntimeError):
+    """Unlearning could not be carried out; the model is left unchanged."""
+
+
+class NonFiniteUpdateError(UnlearnError, FloatingPointError):
+    """The unlearning delta of a layer holds NaN or infinity; nothing was applied."""

@@ -42,9 +42,10 @@ STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP
 STATUS_RECORDED = 1  # the pruned update is stored in every layer's row
 STATUS_NOT_STORED = 2  # samples indexed, update not stored (``watch=`` filter)
 
-#: Inner (compressed, checksummed) chunks hold at least this many bytes of rows,
+#: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
+#: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
 #: so small layers do not pay per-chunk overhead; big layers get one row per chunk.
-INNER_CHUNK_BYTES = 32 * 1024
+INNER_CHUNK_BYTES = 128 * 1024
 MAX_BLOCK_STEPS = 1024
 #: 1-D step and sample arrays are chunked by this many elements.
 VECTOR_CHUNK = 65536

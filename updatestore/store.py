@@ -12,7 +12,7 @@ import torch
 import zarr
 import zarr.errors
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import LocalStore, MemoryStore, WrapperStore
 
 from . import __version__
 from .config import StoreConfig, resolve_keep
@@ -56,6 +56,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _CountingStore(WrapperStore):
+    """Counts the bytes zarr reads through it (what unlearning reports as bytes read)."""
+
+    def __init__(self, store: zarr.abc.store.Store) -> None:
+        super().__init__(store)
+        self.bytes_read = 0
+
+    async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            self.bytes_read += len(buf)
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):  # type: ignore[no-untyped-def]
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        self.bytes_read += sum(len(b) for b in bufs if b is not None)
+        return bufs
+
+
 def _to_store(path: PathLike, *, read_only: bool) -> tuple[zarr.abc.store.Store, str]:
     if isinstance(path, zarr.abc.store.Store):
         return path, repr(path)
@@ -83,6 +102,7 @@ class UpdateStore:
 
     def __init__(self, root: zarr.Group, where: str, mode: str) -> None:
         self._root = root
+        self._counter: _CountingStore = root.store  # type: ignore[assignment]
         self._where = where
         self._mode = mode
         self._meta, specs = read_meta(root, where)
@@ -123,7 +143,7 @@ class UpdateStore:
                 )
         meta = new_meta(specs, block, config, model_fingerprint(named), __version__)
         try:
-            root = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
+            root = zarr.open_group(_CountingStore(store), mode="w" if overwrite else "w-", zarr_format=3)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
             raise StoreExistsError(f"{where} already holds Zarr data; pass overwrite=True to replace it") from exc
         create_tree(root, specs, block, config, meta)
@@ -147,7 +167,7 @@ class UpdateStore:
                     "check the path, or create one with UpdateStore.create(path, model)"
                 )
         try:
-            root = zarr.open_group(store, mode=mode, zarr_format=3)
+            root = zarr.open_group(_CountingStore(store), mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreNotFoundError(f"no update store at {where}") from exc
         except (ValueError, TypeError, KeyError) as exc:
@@ -257,9 +277,13 @@ class UpdateStore:
             )
         return out
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ``ModelMismatchError`` unless ``model`` has exactly the recorded layers."""
-        self._match_model(model)
+    def check_model(self, model: torch.nn.Module) -> list[tuple[LayerSpec, torch.nn.Parameter]]:
+        """Pair each recorded layer with ``model``'s parameter of that name.
+
+        Raises ``ModelMismatchError`` unless ``model`` has exactly the recorded
+        layers with the recorded shapes.
+        """
+        return self._match_model(model)
 
     def _open_writer(self, owner: Recorder) -> None:
         self._require_writable("record")
@@ -340,18 +364,24 @@ class UpdateStore:
         flat indices into the parameter (``None`` for a dense, keep = 1 layer).
         Rows of steps without a stored update (status ≠ 1) are meaningless.
         """
+        return self._read(layer, slice(start, stop), f"{start}..{stop - 1}")
+
+    def _read(self, layer: str, sel: slice | np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self._by_name.get(layer)
         if spec is None:
             raise KeyError(f"store {self._where} has no layer {layer!r}; layers: {[s.name for s in self._specs]}")
         n = self.num_batches
-        if not 0 <= start <= stop <= n:
-            raise IndexError(f"steps {start}..{stop} out of range: store {self._where} has {n} committed steps")
+        lo, hi = (sel.start, sel.stop) if isinstance(sel, slice) else (int(sel[0]), int(sel[-1]) + 1)
+        if not 0 <= lo <= hi <= n or (not isinstance(sel, slice) and (np.diff(sel) <= 0).any()):
+            raise IndexError(f"steps {what} out of range or unsorted: store {self._where} has {n} committed steps")
         try:
-            raw_v = self._root[f"{spec.path}/values"][start:stop]
+            varr = self._root[f"{spec.path}/values"]
+            raw_v = varr[sel] if isinstance(sel, slice) else varr.oindex[sel, :]
             values = values_from_numpy(raw_v, self.value_dtype)
             if spec.positions == "dense":
                 return values, None
-            raw_p = self._root[f"{spec.path}/positions"][start:stop]
+            parr = self._root[f"{spec.path}/positions"]
+            raw_p = parr[sel] if isinstance(sel, slice) else parr.oindex[sel, :]
             if spec.positions == "gaps":
                 pos = decode_gaps(raw_p, spec.numel)
             else:
@@ -361,18 +391,27 @@ class UpdateStore:
             raise
         except (CorruptRowError, Exception) as exc:
             raise CorruptStoreError(
-                f"store {self._where}: layer {layer!r} steps {start}..{stop - 1} cannot be read: {exc}"
+                f"store {self._where}: layer {layer!r} steps {what} cannot be read: {exc}"
             ) from exc
 
-    def _status_rows(self, start: int, stop: int) -> np.ndarray:
-        self._get_index()
-        assert self._status is not None
-        return self._status[start:stop]
+    def read_steps(self, layer: str, steps: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like :meth:`read_rows` for any sorted steps: one slice when they are
+        contiguous, else one orthogonal selection (Zarr reads only their chunks)."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if steps.size == 0 or (steps[-1] - steps[0] + 1 == steps.size):
+            start = int(steps[0]) if steps.size else 0
+            return self.read_rows(layer, start, start + steps.size)
+        return self._read(layer, steps, f"{steps[0]}..{steps[-1]} ({steps.size} steps)")
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from storage by this handle so far (compressed, as stored)."""
+        return self._counter.bytes_read
 
     # ------------------------------------------------------------ footprint
     def footprint(self) -> Footprint:
         """Bytes on disk (total and per layer) against a dense float32 log of the stored steps."""
-        store = self._root.store
+        store = self._counter._store  # sizes from the backend, not counted as reads
 
         def size(prefix: str) -> int:
             return int(sync(store.getsize_prefix(prefix)))

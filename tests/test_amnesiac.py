@@ -1,0 +1,154 @@
+"""amnesiac unlearning against the in-memory oracle θ_T − Σ Δθ_b."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import unlearn
+from conftest import make_tiny, train
+from updatestore import NonFiniteUpdateError, UpdateStore
+
+
+def _ids(s):  # 8 samples per step, IDs recur every 5 steps (epochs)
+    return np.arange(8) + 8 * (s % 5)
+
+
+def _oracle_after(model, oracle, all_ids, forget, keep):
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step, (delta, ids) in enumerate(zip(oracle, all_ids)):
+        if not np.isin(ids, forget).any():
+            continue
+        for name, d in delta.items():
+            flat = d.flatten()
+            k = max(1, math.ceil(round(keep * flat.numel(), 9)))
+            kept = torch.zeros_like(flat)
+            idx = flat.abs().topk(k).indices
+            kept[idx] = flat[idx]
+            expected[name] -= kept.view_as(d)
+    return expected
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.3, 0.05])
+def test_amnesiac_equals_oracle(store_path, keep):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=keep, value_dtype="float32") as store:
+        oracle, all_ids = train(store, model, steps=20, ids_fn=_ids)
+        forget = [3, 17]
+        expected = _oracle_after(model, oracle, all_ids, forget, keep)
+        report = unlearn.amnesiac(model, store, forget, block_steps=3)
+    assert report.applied and report.found == 2 and report.unknown.size == 0
+    assert report.steps_hit.tolist() == [s for s in range(20) if s % 5 in (0, 2)]
+    assert report.steps_total == 20 and report.share == pytest.approx(0.4)
+    assert report.collateral == 14  # the other samples of the two batches
+    assert report.bytes_read > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=2e-6)
+
+
+def test_full_amnesiac_of_everything_restores_init(store_path):
+    model = make_tiny()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with UpdateStore.create(store_path, model, keep=1.0, value_dtype="float32") as store:
+        train(store, model, steps=15)
+        report = unlearn.amnesiac(model, store, np.arange(15 * 8))
+    assert len(report.steps_hit) == 15 and report.method == "amnesiac"
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), init[name], rtol=0, atol=2e-6)
+
+
+def test_dry_run_leaves_model_bit_identical(store_path):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=0.2) as store:
+        train(store, model, steps=10, ids_fn=_ids)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        report = unlearn.amnesiac(model, store, [1, 2], dry_run=True)
+    assert report.dry_run and not report.applied and len(report.steps_hit) == 2
+    assert "would subtract 2 of 10 steps" in str(report)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_unknown_ids_are_reported(store_path):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model) as store:
+        train(store, model, steps=4)
+        with pytest.warns(UserWarning, match="2 of 3 sample IDs were never recorded"):
+            report = unlearn.amnesiac(model, store, [5, 10_000, 20_000])
+    assert report.found == 1 and report.unknown.tolist() == [10_000, 20_000]
+    assert "unknown sample IDs (never recorded): 10000, 20000" in str(report)
+
+
+def test_failure_mid_apply_leaves_model_unchanged(store_path, monkeypatch):
+    import importlib
+
+    am = importlib.import_module("unlearn.amnesiac")  # the module, not the function it exports
+
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=0.5) as store:
+        train(store, model, steps=6)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        calls = {"n": 0}
+        real = am._copy_param
+
+        def flaky(p, v):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("device lost")
+            real(p, v)
+
+        monkeypatch.setattr(am, "_copy_param", flaky)
+        with pytest.raises(RuntimeError, match="device lost"):
+            unlearn.amnesiac(model, store, [0, 9])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_non_finite_delta_refused(store_path):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=1.0, value_dtype="float32") as store:
+        train(store, model, steps=3)
+        with torch.no_grad():
+            model.fc2.bias.fill_(3e38)  # subtracting the update overflows to inf
+        model.fc2.bias.data[0] = float("inf")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(NonFiniteUpdateError, match="layer 'fc2.bias'.*nothing was applied"):
+            unlearn.amnesiac(model, store, [0])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_applied_in_parameter_dtype(store_path):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=1.0, value_dtype="float32") as store:
+        train(store, model, steps=5)
+        model.to(torch.float64)
+        unlearn.amnesiac(model, store, [0])
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_mismatched_model_refused(store_path):
+    from updatestore import ModelMismatchError
+
+    model = make_tiny()
+    with UpdateStore.create(store_path, model) as store:
+        train(store, model, steps=2)
+        with pytest.raises(ModelMismatchError):
+            unlearn.amnesiac(make_tiny(hidden=7), store, [0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amnesiac_on_cuda_matches_cpu(store_path):
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=0.3, value_dtype="float32") as store:
+        train(store, model, steps=10, ids_fn=_ids)
+        cpu_model = make_tiny()
+        cpu_model.load_state_dict(model.state_dict())
+        unlearn.amnesiac(cpu_model, store, [1], device="cpu")
+        model.cuda()
+        report = unlearn.amnesiac(model, store, [1])
+    assert report.device.startswith("cuda")
+    for (n, a), (_, b) in zip(model.named_parameters(), cpu_model.named_parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=0, atol=1e-6)

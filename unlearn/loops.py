@@ -1,0 +1,186 @@
+"""Loop-based unlearning: label flipping, gradient ascent, and the brief fine-tuning repair.
+
+Each takes ``partial=`` to update only a fraction of each layer's entries per
+step (see :class:`unlearn.partial.PartialUpdate`). They use plain SGD, so
+entries outside the mask stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from updatestore.errors import ConfigError
+
+from .partial import PartialUpdate
+
+__all__ = ["LoopReport", "label_flip", "gradient_ascent", "finetune", "as_loader", "accuracy"]
+
+
+@dataclass
+class LoopReport:
+    """What a loop-based unlearning call did."""
+
+    method: str
+    steps: int
+    seconds: float
+    stopped_by: str
+    forget_accuracy: float | None = None
+    partial: float | None = None
+
+    def __str__(self) -> str:
+        acc = "" if self.forget_accuracy is None else f", forget accuracy {self.forget_accuracy:.3f}"
+        part = "full updates" if self.partial is None else f"layer-wise partial updates ({self.partial:.1%})"
+        return f"{self.method}: {self.steps} steps with {part} in {self.seconds:.2f} s, stopped by {self.stopped_by}{acc}"
+
+
+def as_loader(data: Dataset | DataLoader, *, batch_size: int = 64, shuffle: bool = False,
+              seed: int = 0) -> DataLoader:
+    """A DataLoader over ``data`` (a Dataset, or a DataLoader returned as is)."""
+    if isinstance(data, DataLoader):
+        return data
+    if not isinstance(data, Dataset):
+        raise ConfigError(f"expected a torch Dataset or DataLoader, got {type(data).__name__}")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def _xy(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ConfigError("batches must be (x, y) or (x, y, ids)")
+    return batch[0].to(device), batch[1].to(device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forever(loader: DataLoader) -> Iterator:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ConfigError("the dataset is empty")
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: Dataset | DataLoader, *, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored after)."""
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    correct = total = 0
+    for batch in as_loader(data, batch_size=batch_size):
+        x, y = _xy(batch, dev)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / total if total else float("nan")
+
+
+def _mask(model: torch.nn.Module, partial: float | None, select: str, layers: Any,
+          seed: int) -> PartialUpdate | None:
+    return None if partial is None else PartialUpdate(model, partial, select=select, layers=layers, seed=seed)
+
+
+def _step(model, opt, loss, mask) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if mask is not None:
+        mask.apply()
+    opt.step()
+
+
+def label_flip(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | None = None,
+               epochs: int = 5, lr: float = 0.01, batch_size: int = 32, num_classes: int | None = None,
+               select: str = "mmax", layers: Any = None, seed: int = 0) -> LoopReport:
+    """Fine-tune on the forget samples with random wrong labels (Graves et al.'s baseline).
+
+    >>> unlearn.label_flip(model, forget_set, partial=0.05, epochs=3)  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    dev = _device(model)
+    mask = _mask(model, partial, select, layers, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        for batch in as_loader(forget, batch_size=batch_size, shuffle=True, seed=seed + steps):
+            x, y = _xy(batch, dev)
+            out = model(x)
+            c = num_classes or out.shape[1]
+            wrong = (y.cpu() + torch.randint(1, c, y.shape, generator=g)) % c  # never the true label
+            _step(model, opt, F.cross_entropy(out, wrong.to(dev)), mask)
+            steps += 1
+    return LoopReport("label_flip", steps, time.perf_counter() - t0, "epochs",
+                      accuracy(model, forget), partial)
+
+
+def gradient_ascent(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | None = None,
+                    retain: Dataset | DataLoader | None = None, retain_weight: float = 1.0,
+                    lr: float = 0.01, max_steps: int = 100, target_accuracy: float | None = None,
+                    eval_every: int = 5, batch_size: int = 32, select: str = "mmax", layers: Any = None,
+                    seed: int = 0) -> LoopReport:
+    """Raise the loss on the forget samples (minus ``retain_weight`` × the retain loss).
+
+    Stops when forget-set accuracy is at or below ``target_accuracy`` (checked
+    every ``eval_every`` steps) or after ``max_steps``.
+    """
+    if max_steps < 1:
+        raise ConfigError(f"max_steps must be ≥ 1, got {max_steps}")
+    t0 = time.perf_counter()
+    dev = _device(model)
+    mask = _mask(model, partial, select, layers, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    forget_it = _forever(as_loader(forget, batch_size=batch_size, shuffle=True, seed=seed))
+    retain_it = None if retain is None else _forever(as_loader(retain, batch_size=batch_size, shuffle=True,
+                                                               seed=seed + 1))
+    acc = accuracy(model, forget)
+    if target_accuracy is not None and acc <= target_accuracy:
+        return LoopReport("gradient_ascent", 0, time.perf_counter() - t0, "target", acc, partial)
+    stopped_by = "max_steps"
+    steps = 0
+    model.train()
+    while steps < max_steps:
+        x, y = _xy(next(forget_it), dev)
+        loss = -F.cross_entropy(model(x), y)
+        if retain_it is not None:
+            xr, yr = _xy(next(retain_it), dev)
+            loss = loss + retain_weight * F.cross_entropy(model(xr), yr)
+        _step(model, opt, loss, mask)
+        steps += 1
+        if target_accuracy is not None and steps % eval_every == 0:
+            acc = accuracy(model, forget)
+            if acc <= target_accuracy:
+                stopped_by = "target"
+                break
+            model.train()
+    return LoopReport("gradient_ascent", steps, time.perf_counter() - t0, stopped_by,
+                      accuracy(model, forget), partial)
+
+
+def finetune(model: torch.nn.Module, retain: Dataset | DataLoader, *, epochs: int = 1, lr: float = 0.01,
+             partial: float | None = None, batch_size: int = 64, select: str = "mmax", layers: Any = None,
+             seed: int = 0) -> LoopReport:
+    """Brief fine-tuning on the retained data: the repair step after unlearning."""
+    t0 = time.perf_counter()
+    dev = _device(model)
+    mask = _mask(model, partial, select, layers, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        for batch in as_loader(retain, batch_size=batch_size, shuffle=True, seed=seed + steps):
+            x, y = _xy(batch, dev)
+            _step(model, opt, F.cross_entropy(model(x), y), mask)
+            steps += 1
+    return LoopReport("finetune", steps, time.perf_counter() - t0, "epochs", None, partial)

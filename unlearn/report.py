@@ -1,0 +1,72 @@
+"""What an unlearning call did, in numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["UnlearnReport"]
+
+
+@dataclass
+class UnlearnReport:
+    """The outcome of :func:`unlearn.amnesiac`.
+
+    ``steps_hit`` are the steps whose stored updates were (or, with
+    ``dry_run``, would be) subtracted; ``collateral`` counts the other samples
+    that shared those steps — their contribution is removed too.
+    """
+
+    method: str
+    requested: int
+    found: int
+    unknown: np.ndarray
+    steps_hit: np.ndarray
+    steps_total: int
+    steps_without_update: int
+    collateral: int
+    bytes_read: int
+    seconds: float
+    dry_run: bool
+    applied: bool
+    device: str
+    keep: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def share(self) -> float:
+        """Fraction of all recorded steps that were hit."""
+        return len(self.steps_hit) / self.steps_total if self.steps_total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "requested": self.requested,
+            "found": self.found,
+            "unknown": self.unknown.tolist(),
+            "steps_hit": self.steps_hit.tolist(),
+            "steps_total": self.steps_total,
+            "share": self.share,
+            "steps_without_update": self.steps_without_update,
+            "collateral": self.collateral,
+            "bytes_read": self.bytes_read,
+            "seconds": self.seconds,
+            "dry_run": self.dry_run,
+            "applied": self.applied,
+            "device": self.device,
+        }
+
+    def __str__(self) -> str:
+        verb = "would subtract" if self.dry_run else ("subtracted" if self.applied else "subtracted nothing from")
+        lines = [
+            f"{self.method}: {self.found}/{self.requested} samples found; {verb} "
+            f"{len(self.steps_hit)} of {self.steps_total} steps ({self.share:.1%})",
+            f"collateral: {self.collateral} other samples shared those steps",
+        ]
+        if self.steps_without_update:
+            lines.append(f"{self.steps_without_update} step(s) held the samples but stored no update (skipped/unwatched)")
+        if len(self.unknown):
+            shown = ", ".join(map(str, self.unknown[:10].tolist())) + (" ..." if len(self.unknown) > 10 else "")
+            lines.append(f"unknown sample IDs (never recorded): {shown}")
+        lines.append(f"read {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.3f} s on {self.device}")
+        return "\n".join(lines)
