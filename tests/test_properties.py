@@ -98,3 +98,20 @@ def test_index_equals_brute_force(case):
         assert index.samples_in(s).tolist() == ids
     chosen = np.array(brute, dtype=np.int64)
     assert index.samples_in_steps(chosen).tolist() == [i for s in brute for i in steps[s]]
+
+
+def test_bitmap_decode_rejects_unbalanced_rows():
+    import pytest
+
+    from updatestore.encoding import CorruptRowError
+
+    bm = encode_bitmap(np.array([[1, 5], [2, 9]]), 12)
+    bad = bm.copy()
+    bad[0, 0] |= 0b00000010  # a third bit in row 0 ...
+    bad[1] = encode_bitmap(np.array([[2]]), 12)[0]  # ... one bit in row 1: same total, wrong rows
+    with pytest.raises(CorruptRowError):
+        decode_bitmap(bad, 12, 2)
+    pad = bm.copy()
+    pad[0, 1] |= 0b00000001  # a bit in the padding after entry 11
+    with pytest.raises(CorruptRowError):
+        decode_bitmap(pad, 12, 2)

@@ -33,18 +33,25 @@ def _blocks(steps: np.ndarray, block: int) -> list[np.ndarray]:
     return [steps[i : i + block] for i in range(0, len(steps), block)]
 
 
-def _accumulate(store: UpdateStore, name: str, numel: int, steps: np.ndarray, device: torch.device,
-                block: int) -> torch.Tensor:
-    """Σ over ``steps`` of one layer's stored rows, scatter-added on ``device`` (float32)."""
-    acc = torch.zeros(numel, dtype=torch.float32, device=device)
+def _accumulate(store: UpdateStore, pairs: list, steps: np.ndarray, device: torch.device,
+                block: int) -> list[torch.Tensor]:
+    """Per layer, Σ over ``steps`` of the stored rows, scatter-added on ``device`` (float32).
+
+    Steps are read in blocks of at most ``block``, every layer of a block in one
+    concurrent fetch, so memory is bounded by one block, not by the steps hit.
+    """
+    accs = [torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs]
+    names = [spec.name for spec, _ in pairs]
     for chunk in _blocks(steps, block):
-        values, positions = store.read_steps(name, chunk)
-        values = values.to(device, non_blocking=True)
-        if positions is None:
-            acc += values.sum(0)
-        else:
-            acc.index_add_(0, positions.to(device, non_blocking=True).reshape(-1), values.reshape(-1))
-    return acc
+        rows = store.read_steps_many(names, chunk)
+        for acc, name in zip(accs, names):
+            values, positions = rows.pop(name)
+            values = values.to(device, non_blocking=True)
+            if positions is None:
+                acc += values.sum(0)
+            else:
+                acc.index_add_(0, positions.to(device, non_blocking=True).reshape(-1), values.reshape(-1))
+    return accs
 
 
 def _copy_param(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -72,7 +79,7 @@ def _safe_apply(pairs: list, new_values: list[torch.Tensor | None]) -> None:
 
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
              device: str | torch.device | None = None, dry_run: bool = False,
-             block_steps: int = 64) -> UnlearnReport:
+             block_steps: int = 16) -> UnlearnReport:
     """Forget ``sample_ids`` by subtracting the stored updates of every step that used them.
 
     θ' = θ − Σ_{steps b containing the samples} Δθ_b, with Δθ_b as stored (all
@@ -103,8 +110,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     applied = False
     if not dry_run and hit.size:
         new_values = []
-        for spec, p in pairs:
-            delta = _accumulate(store, spec.name, spec.numel, hit, dev, block_steps)
+        for (spec, p), delta in zip(pairs, _accumulate(store, pairs, hit, dev, block_steps)):
             delta = delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
             new = p.detach() - delta  # in the parameter's dtype and device
             if not torch.isfinite(new).all():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from zarr.storage import LocalStore, MemoryStore, WrapperStore
 
 from . import __version__
 from .config import StoreConfig, resolve_keep
-from .encoding import CorruptRowError, decode_bitmap, decode_gaps, values_from_numpy
+from .encoding import decode_bitmap, decode_gaps, values_from_numpy
 from .errors import (
     ConfigError,
     CorruptStoreError,
@@ -113,6 +114,7 @@ class UpdateStore:
         self._writer_owner: Recorder | None = None
         self._index: SampleIndex | None = None
         self._status: np.ndarray | None = None
+        self._arrays: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
         self._closed = False
 
     # ------------------------------------------------------------ create / open
@@ -367,41 +369,81 @@ class UpdateStore:
         return self._read(layer, slice(start, stop), f"{start}..{stop - 1}")
 
     def _read(self, layer: str, sel: slice | np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self._by_name.get(layer)
-        if spec is None:
-            raise KeyError(f"store {self._where} has no layer {layer!r}; layers: {[s.name for s in self._specs]}")
+        return self._read_many([layer], sel, what)[layer]
+
+    def _read_many(self, layers: list[str], sel: slice | np.ndarray,
+                   what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Fetch the same steps of several layers in one round trip (Zarr reads them concurrently)."""
+        specs = []
+        for layer in layers:
+            spec = self._by_name.get(layer)
+            if spec is None:
+                raise KeyError(f"store {self._where} has no layer {layer!r}; layers: {[s.name for s in self._specs]}")
+            specs.append(spec)
         n = self.num_batches
         lo, hi = (sel.start, sel.stop) if isinstance(sel, slice) else (int(sel[0]), int(sel[-1]) + 1)
         if not 0 <= lo <= hi <= n or (not isinstance(sel, slice) and (np.diff(sel) <= 0).any()):
             raise IndexError(f"steps {what} out of range or unsorted: store {self._where} has {n} committed steps")
-        try:
+
+        async def fetch(arr: zarr.Array | None):
+            if arr is None:
+                return None
+            if isinstance(sel, slice):
+                return await arr.async_array.getitem(sel)
+            return await arr.async_array.get_orthogonal_selection((sel, slice(None)))
+
+        arrays = [a for spec in specs for a in self._layer_arrays(spec)]  # opened outside the event loop
+
+        async def fetch_all():
+            return await asyncio.gather(*(fetch(a) for a in arrays), return_exceptions=True)
+
+        raw = sync(fetch_all())
+        out = {}
+        for i, spec in enumerate(specs):
+            raw_v, raw_p = raw[2 * i], raw[2 * i + 1]
+            try:
+                for r in (raw_v, raw_p):
+                    if isinstance(r, BaseException):
+                        raise r
+                values = values_from_numpy(raw_v, self.value_dtype)
+                if spec.positions == "dense":
+                    out[spec.name] = (values, None)
+                elif spec.positions == "gaps":
+                    out[spec.name] = (values, torch.from_numpy(decode_gaps(raw_p, spec.numel)))
+                else:
+                    out[spec.name] = (values, torch.from_numpy(decode_bitmap(raw_p, spec.numel, spec.k)))
+            except UpdateStoreError:
+                raise
+            except Exception as exc:  # checksum, codec or decode failure: name what is broken
+                raise CorruptStoreError(
+                    f"store {self._where}: layer {spec.name!r} steps {what} cannot be read: {exc}"
+                ) from exc
+        return out
+
+    def _layer_arrays(self, spec: LayerSpec) -> tuple[zarr.Array, zarr.Array | None]:
+        # Opening an array reads its zarr.json; cache the handles (shapes refresh on resize).
+        arrays = self._arrays.get(spec.name)
+        if arrays is None or arrays[0].shape[0] < self._steps:
             varr = self._root[f"{spec.path}/values"]
-            raw_v = varr[sel] if isinstance(sel, slice) else varr.oindex[sel, :]
-            values = values_from_numpy(raw_v, self.value_dtype)
-            if spec.positions == "dense":
-                return values, None
-            parr = self._root[f"{spec.path}/positions"]
-            raw_p = parr[sel] if isinstance(sel, slice) else parr.oindex[sel, :]
-            if spec.positions == "gaps":
-                pos = decode_gaps(raw_p, spec.numel)
-            else:
-                pos = decode_bitmap(raw_p, spec.numel, spec.k)
-            return values, torch.from_numpy(pos)
-        except UpdateStoreError:
-            raise
-        except (CorruptRowError, Exception) as exc:
-            raise CorruptStoreError(
-                f"store {self._where}: layer {layer!r} steps {what} cannot be read: {exc}"
-            ) from exc
+            parr = None if spec.positions == "dense" else self._root[f"{spec.path}/positions"]
+            arrays = self._arrays[spec.name] = (varr, parr)
+        return arrays
 
     def read_steps(self, layer: str, steps: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like :meth:`read_rows` for any sorted steps: one slice when they are
         contiguous, else one orthogonal selection (Zarr reads only their chunks)."""
+        return self.read_steps_many([layer], steps)[layer]
+
+    def read_steps_many(self, layers: list[str], steps: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """:meth:`read_steps` for several layers at once, fetched concurrently.
+
+        >>> rows = store.read_steps_many([s.name for s in store.layers], [3, 4, 9])  # doctest: +SKIP
+        """
         steps = np.asarray(steps, dtype=np.int64)
         if steps.size == 0 or (steps[-1] - steps[0] + 1 == steps.size):
             start = int(steps[0]) if steps.size else 0
-            return self.read_rows(layer, start, start + steps.size)
-        return self._read(layer, steps, f"{steps[0]}..{steps[-1]} ({steps.size} steps)")
+            return self._read_many(list(layers), slice(start, start + steps.size), f"{start}..{start + steps.size - 1}")
+        return self._read_many(list(layers), steps, f"{steps[0]}..{steps[-1]} ({steps.size} steps)")
 
     @property
     def bytes_read(self) -> int:

@@ -1,0 +1,81 @@
+"""Shared pieces of the benchmarks: the full-log baseline, data, results output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+RESULTS = Path(__file__).parent / "results"
+
+__all__ = ["RESULTS", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom"]
+
+
+class FullLog:
+    """The baseline: one safetensors file of dense float32 Δθ per step (how amnesiac code keeps it)."""
+
+    def __init__(self, directory: Path, model: torch.nn.Module) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.before = [p.detach().clone() for _, p in self.params]
+        self.steps = 0
+
+    def snapshot(self) -> None:
+        for b, (_, p) in zip(self.before, self.params):
+            b.copy_(p.detach())
+
+    @torch.no_grad()
+    def record(self) -> None:
+        """Write Δθ since the last snapshot, then snapshot again."""
+        deltas = {n: (p.detach() - b).float().cpu().contiguous() for b, (n, p) in zip(self.before, self.params)}
+        save_file(deltas, str(self.dir / f"step_{self.steps:08d}.safetensors"))
+        self.steps += 1
+        self.snapshot()
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.iterdir())
+
+
+def synthetic_images(n: int, *, classes: int = 10, size: int = 32, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """Learnable synthetic 3×size×size images: a fixed random template per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(classes, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = templates[y] + 2.0 * torch.randn(n, 3, size, size, generator=g)
+    return torch.utils.data.TensorDataset(x, y, torch.arange(n))
+
+
+def log2_binom(n: int, k: int) -> float:
+    """log2 C(n, k): the bits needed to name a k-subset of n positions."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
+    (out_dir / f"{name}.md").write_text(markdown)
+    return out_dir / f"{name}.md"
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
