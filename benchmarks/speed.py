@@ -22,11 +22,11 @@ from torch.nn import functional as F
 
 import unlearn
 from unlearn.data import load_digits
-from unlearn.models import DigitsCNN
+from unlearn.models import DigitsCNN, WideCNN
 from updatestore import UpdateStore
 from updatestore.index import SampleIndex
 
-from ._common import RESULTS, FullLog, machine, md_table, write_results
+from ._common import RESULTS, FullLog, machine, md_table, synthetic_images, write_results
 
 
 class PeakRSS:
@@ -104,12 +104,13 @@ def _train(mode: str, data, tmp: Path, *, epochs: int, batch: int, unique_ids: b
     return time.perf_counter() - t0, handle, model
 
 
-def throughput(data, tmp: Path, repeats: int, epochs: int) -> dict:
-    _train("none", data, tmp, epochs=1, batch=32)  # warm-up: thread pools, allocator, page cache
+def throughput(data, tmp: Path, repeats: int, epochs: int, make=DigitsCNN, max_steps: int | None = None) -> dict:
+    kw = dict(epochs=epochs, batch=32, make=make, max_steps=max_steps)
+    _train("none", data, tmp, **kw)  # warm-up: thread pools, allocator, page cache
     times = {"none": [], "full": [], "store": []}
     for _ in range(repeats):  # interleaved, so drift on a noisy machine hits all three alike
         for mode in times:
-            times[mode].append(_train(mode, data, tmp, epochs=epochs, batch=32)[0])
+            times[mode].append(_train(mode, data, tmp, **kw)[0])
     med = {m: statistics.median(v) for m, v in times.items()}
     return {"seconds_median": med, "all": times,
             "store_vs_none": med["none"] / med["store"], "full_vs_none": med["none"] / med["full"],
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         tp = throughput(data, tmp, repeats=1 if q else 5, epochs=2 if q else 4)
         print(f"  throughput: {tp['seconds_median']}", file=sys.stderr)
+        tp2 = throughput(synthetic_images(256), tmp, repeats=1 if q else 3, epochs=1, make=WideCNN,
+                         max_steps=2 if q else 6)
+        print(f"  throughput (wide CNN): {tp2['seconds_median']}", file=sys.stderr)
         un, ctx = unlearning(data, tmp, [1, 10, 100] if q else [1, 10, 100, 1000], epochs=1 if q else 6,
                              repeats=1 if q else 2)
         un2, ctx2 = unlearning(data, tmp, [1, 10] if q else [1, 10, 100], epochs=1, repeats=1 if q else 3,
@@ -239,13 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     ql = query_latency(100_000 if q else 1_000_000, 10, 10_000)
     cmd = "python -m benchmarks.speed" + (" --quick" if q else "")
     md = [f"# Speed ({'quick' if q else 'full'} run)\n\nCommand: `{cmd}`; machine: {machine()}\n",
-          "## Training throughput (digits CNN, CPU, batch 32; ratios of median wall times)\n",
-          md_table(["mode", "median s", "throughput vs no logging"],
-                   [["no logging", f"{tp['seconds_median']['none']:.2f}", "1.00"],
-                    ["full log (safetensors/step)", f"{tp['seconds_median']['full']:.2f}", f"{tp['full_vs_none']:.2f}"],
-                    ["update store keep 0.1 bf16", f"{tp['seconds_median']['store']:.2f}",
-                     f"{tp['store_vs_none']:.2f}"]]),
-          f"\nUpdate store vs full log: {tp['store_vs_full']:.2f}x the throughput.\n",
+          "## Training throughput (CPU, batch 32; ratios of median wall times)\n",
+          md_table(["model", "mode", "median s", "throughput vs no logging", "vs full log"],
+                   [row for name, t in (("DigitsCNN 38k", tp), ("WideCNN 11.0M (32×32)", tp2)) for row in (
+                       [name, "no logging", f"{t['seconds_median']['none']:.2f}", "1.00", ""],
+                       [name, "full log (safetensors/step)", f"{t['seconds_median']['full']:.2f}",
+                        f"{t['full_vs_none']:.2f}", "1.00"],
+                       [name, "update store keep 0.1 bf16", f"{t['seconds_median']['store']:.2f}",
+                        f"{t['store_vs_none']:.2f}", f"{t['store_vs_full']:.2f}"])]),
           f"\n## Unlearning time (store keep 0.1 bf16 vs full log; batch 8)\n\n"
           f"DigitsCNN: {ctx['steps_recorded']} steps recorded; wide MLP: {ctx2['steps_recorded']} steps.\n\n",
           md_table(["model", "params", "steps hit", "store s", "full log s", "store vs full log",
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
           f"building the index took {ql['build_s']:.2f} s.\n"]
     text = "".join(md)
     print(text)
-    write_results("speed", {"machine": machine(), "quick": q, "throughput": tp, "unlearning": un + un2,
+    write_results("speed", {"machine": machine(), "quick": q, "throughput": tp, "throughput_wide": tp2, "unlearning": un + un2,
                             "unlearning_context": [ctx, ctx2], "recording_memory_mib": mem, "query": ql}, text, args.out)
     return 0
 

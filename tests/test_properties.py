@@ -115,3 +115,38 @@ def test_bitmap_decode_rejects_unbalanced_rows():
     pad[0, 1] |= 0b00000001  # a bit in the padding after entry 11
     with pytest.raises(CorruptRowError):
         decode_bitmap(pad, 12, 2)
+
+
+@given(st.integers(1, 3000), st.floats(0.0001, 1.0), st.integers(0, 2**31), st.sampled_from(["normal", "ties", "zeros"]))
+@settings(max_examples=120, deadline=None)
+def test_radix_select_is_topk(numel, keep, seed, kind):
+    from updatestore.pruning import kept_count, radix_select
+
+    k = kept_count(keep, numel)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g)
+    if kind == "ties":  # few distinct magnitudes, both signs: many ties at the threshold
+        x = torch.randint(-3, 4, (numel,), generator=g).float() * 0.25
+    elif kind == "zeros":
+        x = x * (torch.rand(numel, generator=g) > 0.9)
+    pos = radix_select(x, k)
+    assert len(pos) == k and (len(pos) < 2 or torch.all(pos[1:] > pos[:-1]))
+    rest = torch.ones(numel, dtype=torch.bool)
+    rest[pos] = False
+    if rest.any():
+        assert x[pos].abs().min() >= x[rest].abs().max()
+
+
+@given(position_rows())
+@settings(max_examples=60, deadline=None)
+def test_device_encoders_match_numpy_encoders(case):
+    from updatestore.encoding import _pack_bits_torch, encode_positions_torch
+
+    rows, numel, _ = case
+    for row in rows:
+        t = torch.from_numpy(row)
+        np.testing.assert_array_equal(encode_positions_torch(t, numel, "bitmap"), encode_bitmap(row[None], numel)[0])
+        np.testing.assert_array_equal(encode_positions_torch(t, numel, "gaps"), encode_gaps(row[None], numel)[0])
+        mask = torch.zeros((numel + 7) // 8 * 8, dtype=torch.bool)
+        mask[t] = True
+        np.testing.assert_array_equal(_pack_bits_torch(mask).numpy(), encode_bitmap(row[None], numel)[0])

@@ -27,6 +27,7 @@ __all__ = [
     "decode_gaps",
     "bitmap_nbytes",
     "encode_bitmap",
+    "encode_positions_torch",
     "decode_bitmap",
     "CorruptRowError",
 ]
@@ -104,6 +105,31 @@ def encode_bitmap(positions: np.ndarray, numel: int) -> np.ndarray:
     bit = (np.uint8(128) >> (pos & 7).astype(np.uint8)).ravel()
     out = np.bincount(flat_byte, weights=bit, minlength=n * nbytes)
     return out.astype(np.uint8).reshape(n, nbytes)
+
+
+def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
+    """``numpy.packbits`` on the tensor's device (MSB first); ``mask.numel()`` % 8 == 0."""
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
+    return (mask.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def encode_positions_torch(positions: torch.Tensor, numel: int, kind: str) -> np.ndarray:
+    """Encode one row's sorted positions on their device; only the encoded row is copied to host.
+
+    A bitmap is numel/8 bytes against 8 bytes per kept int64 position: at keep
+    0.1 the device→host copy is 6× smaller.
+    """
+    if kind == "bitmap":
+        nbytes = bitmap_nbytes(numel)
+        mask = torch.zeros(nbytes * 8, dtype=torch.bool, device=positions.device)
+        mask[positions] = True
+        if mask.device.type == "cpu":
+            return np.packbits(mask.numpy())
+        return _pack_bits_torch(mask).cpu().numpy()
+    if kind == "gaps":
+        gaps = torch.diff(positions, prepend=positions.new_zeros(1))
+        return gaps.to(torch.int32).cpu().numpy().astype(gap_dtype(numel))
+    raise ValueError(f"unknown positions encoding {kind!r}")
 
 
 def decode_bitmap(bitmaps: np.ndarray, numel: int, k: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .encoding import values_to_numpy
+from .encoding import encode_positions_torch, values_to_numpy
 from .errors import RecorderError
 from .index import as_sample_ids
 from .layout import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED
@@ -197,15 +197,17 @@ class Recorder:
         for buf, (spec, p) in zip(self._before, self._params):
             # Δθ = θ_after − θ_before, written into the snapshot buffer (no new allocation).
             delta = torch.sub(p.detach(), buf, out=buf) if self._optimizer is not None else p.detach() - buf
-            nz = delta.ne(0).any()
+            vals, pos = prune_topk(delta, spec.k)
+            # The kept entries are the largest |Δ|: the layer changed iff one of them is non-zero.
+            nz = vals.ne(0).any()
             changed = nz if changed is None else changed | nz
-            on_device.append(prune_topk(delta, spec.k))
-        if not bool(changed):
+            on_device.append((vals, pos))
+        if not bool(changed):  # one device sync per step
             self._emit(StepRecord(STATUS_SKIPPED, ids))
             return
         rows = []
         for (spec, _), (vals, pos) in zip(self._params, on_device):
-            host_pos = None if pos is None else pos.to(torch.int64).cpu().numpy()
+            host_pos = None if pos is None else encode_positions_torch(pos, spec.numel, spec.positions)
             rows.append((values_to_numpy(vals, self._value_dtype), host_pos))
         self._emit(StepRecord(STATUS_RECORDED, ids, rows))
 

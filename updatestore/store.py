@@ -385,14 +385,20 @@ class UpdateStore:
         if not 0 <= lo <= hi <= n or (not isinstance(sel, slice) and (np.diff(sel) <= 0).any()):
             raise IndexError(f"steps {what} out of range or unsorted: store {self._where} has {n} committed steps")
 
+        # Contiguous runs of steps are read as slices: Zarr's orthogonal selection
+        # was 5x slower than per-run slices on sharded arrays (zarr 3.1).
+        if isinstance(sel, slice):
+            runs = [sel]
+        else:
+            cut = np.flatnonzero(np.diff(sel) != 1) + 1
+            runs = [slice(int(r[0]), int(r[-1]) + 1) for r in np.split(sel, cut)]
+        arrays = [a for spec in specs for a in self._layer_arrays(spec)]  # opened outside the event loop
+
         async def fetch(arr: zarr.Array | None):
             if arr is None:
                 return None
-            if isinstance(sel, slice):
-                return await arr.async_array.getitem(sel)
-            return await arr.async_array.get_orthogonal_selection((sel, slice(None)))
-
-        arrays = [a for spec in specs for a in self._layer_arrays(spec)]  # opened outside the event loop
+            parts = await asyncio.gather(*(arr.async_array.getitem(r) for r in runs))
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         async def fetch_all():
             return await asyncio.gather(*(fetch(a) for a in arrays), return_exceptions=True)
@@ -430,8 +436,8 @@ class UpdateStore:
         return arrays
 
     def read_steps(self, layer: str, steps: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Like :meth:`read_rows` for any sorted steps: one slice when they are
-        contiguous, else one orthogonal selection (Zarr reads only their chunks)."""
+        """Like :meth:`read_rows` for any sorted steps: each contiguous run is read
+        as one slice, all runs concurrently (Zarr reads only their chunks)."""
         return self.read_steps_many([layer], steps)[layer]
 
     def read_steps_many(self, layers: list[str], steps: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

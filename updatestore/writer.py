@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .encoding import encode_bitmap, encode_gaps
 from .errors import WriterError
 from .layout import LayerSpec, STATUS_RECORDED, write_counts
 
@@ -27,8 +26,9 @@ class StepRecord:
 
     status: int
     ids: np.ndarray
-    # Per layer (same order as the store's specs): stored-dtype values and sorted
-    # int positions (None for dense layers). None when the status stores no update.
+    # Per layer (same order as the store's specs): stored-dtype values and the
+    # encoded positions row (bitmap bytes or gaps; None for dense layers).
+    # None when the status stores no update.
     rows: list[tuple[np.ndarray, np.ndarray | None]] | None = None
 
 
@@ -126,12 +126,10 @@ class BlockWriter:
         r = self._n
         self._status[r] = rec.status
         if rec.rows is not None and rec.status == STATUS_RECORDED:
-            for i, (spec, (vals, pos)) in enumerate(zip(self._specs, rec.rows)):
+            for i, (vals, pos) in enumerate(rec.rows):
                 self._vals[i][r] = vals
-                if spec.positions == "gaps":
-                    self._pos[i][r] = encode_gaps(pos[None, :], spec.numel)[0]
-                elif spec.positions == "bitmap":
-                    self._pos[i][r] = encode_bitmap(pos[None, :], spec.numel)[0]
+                if pos is not None:
+                    self._pos[i][r] = pos
         else:
             # Rows of steps without a stored update are zeros (Zarr skips empty chunks).
             for i in range(len(self._specs)):
