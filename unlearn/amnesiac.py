@@ -34,7 +34,7 @@ def _blocks(steps: np.ndarray, block: int) -> list[np.ndarray]:
 
 
 def _accumulate(store: UpdateStore, pairs: list, steps: np.ndarray, device: torch.device,
-                block: int) -> list[torch.Tensor]:
+                block: int, progress: bool = False) -> list[torch.Tensor]:
     """Per layer, Σ over ``steps`` of the stored rows, scatter-added on ``device`` (float32).
 
     Steps are read in blocks of at most ``block``, every layer of a block in one
@@ -42,7 +42,12 @@ def _accumulate(store: UpdateStore, pairs: list, steps: np.ndarray, device: torc
     """
     accs = [torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs]
     names = [spec.name for spec, _ in pairs]
-    for chunk in _blocks(steps, block):
+    chunks = _blocks(steps, block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="unlearning", unit="block", leave=False)
+    for chunk in chunks:
         rows = store.read_steps_many(names, chunk)
         for acc, name in zip(accs, names):
             values, positions = rows.pop(name)
@@ -79,7 +84,7 @@ def _safe_apply(pairs: list, new_values: list[torch.Tensor | None]) -> None:
 
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
              device: str | torch.device | None = None, dry_run: bool = False,
-             block_steps: int = 16) -> UnlearnReport:
+             block_steps: int = 16, progress: bool = False) -> UnlearnReport:
     """Forget ``sample_ids`` by subtracting the stored updates of every step that used them.
 
     θ' = θ − Σ_{steps b containing the samples} Δθ_b, with Δθ_b as stored (all
@@ -87,7 +92,8 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     of ``block_steps`` steps per layer and scatter-added on ``device`` (CUDA
     when available), so memory does not grow with the number of steps hit.
     Every layer's result is computed and checked finite before any parameter
-    changes; a failure leaves the model as it was.
+    changes; a failure leaves the model as it was. ``progress=True`` shows a
+    progress bar over the blocks of steps.
 
     >>> report = unlearn.amnesiac(model, store, [3, 17, 42], dry_run=True)  # doctest: +SKIP
     >>> print(report)                                                       # doctest: +SKIP
@@ -110,7 +116,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     applied = False
     if not dry_run and hit.size:
         new_values = []
-        for (spec, p), delta in zip(pairs, _accumulate(store, pairs, hit, dev, block_steps)):
+        for (spec, p), delta in zip(pairs, _accumulate(store, pairs, hit, dev, block_steps, progress)):
             delta = delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
             new = p.detach() - delta  # in the parameter's dtype and device
             if not torch.isfinite(new).all():

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forget", type=int, default=5, help="how many training samples to forget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--save-weights", type=Path, default=None,
+                    help="also write the trained weights (before unlearning) as safetensors")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         secs = fit(model, data.train, store=store, epochs=args.epochs, seed=args.seed,
                    progress=not args.quiet and sys.stderr.isatty())
         print(f"trained in {secs:.1f} s, {store.num_batches} steps recorded\n")
+        if args.save_weights is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.save_weights))
+            print(f"wrote the trained weights to {args.save_weights}\n")
         print(store.footprint(), "\n")
 
         rng = np.random.default_rng(args.seed)

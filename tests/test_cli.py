@@ -1,0 +1,103 @@
+"""The command line, run as a subprocess: output, --json, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unlearn.data import load_digits
+from unlearn.models import DigitsCNN
+from unlearn.training import fit
+from updatestore import UpdateStore
+
+
+def run(*args, cwd):
+    proc = subprocess.run([sys.executable, "-m", "unlearn.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    store = UpdateStore.create(d / "run.zarr", model, keep=0.1)
+    fit(model, load_digits().train, store=store, epochs=1)
+    store.close()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "w.safetensors"))
+    (d / "ids.txt").write_text("3\n17, 2000\n")
+    return d
+
+
+def test_info_text_and_json(workdir):
+    rc, out, _ = run("info", "run.zarr", cwd=workdir)
+    assert rc == 0 and "steps: 43 (43 recorded" in out and "full amnesiac log" in out
+    rc, out, _ = run("info", "run.zarr", "--json", cwd=workdir)
+    info = json.loads(out)
+    assert rc == 0 and info["steps"] == 43 and info["samples_indexed"] == 1347
+    assert [lay["name"] for lay in info["layers"]][:2] == ["conv1.weight", "conv1.bias"]
+    assert 0 < info["footprint"]["ratio"] < 0.1
+
+
+def test_query_json_matches_library(workdir):
+    rc, out, _ = run("query", "run.zarr", "--samples-file", "ids.txt", "--json", cwd=workdir)
+    res = json.loads(out)
+    store = UpdateStore.open(workdir / "run.zarr")
+    assert rc == 0 and res["unknown"] == [2000]
+    assert res["steps"] == store.batches_containing([3, 17]).tolist()
+
+
+def test_unlearn_writes_safetensors_equal_to_library(workdir):
+    rc, out, err = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
+                       "--samples", "3,17", "--out", "out.safetensors", "--json", cwd=workdir)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["found"] == 2 and report["applied"]
+    import unlearn
+
+    model = DigitsCNN()
+    model.load_state_dict(load_file(str(workdir / "w.safetensors")))
+    unlearn.amnesiac(model, UpdateStore.open(workdir / "run.zarr"), [3, 17])
+    got = load_file(str(workdir / "out.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v)
+
+
+def test_dry_run_writes_nothing(workdir):
+    rc, out, _ = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
+                     "--samples", "3", "--dry-run", cwd=workdir)
+    assert rc == 0 and "would subtract" in out and not (workdir / "dry.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "missing.zarr"], "no update store at missing.zarr: the path does not exist"),
+    (["query", "run.zarr", "--samples", "3,x"], "sample IDs must be integers"),
+    (["query", "run.zarr"], "give exactly one of --samples"),
+    (["unlearn", "run.zarr", "--model", "unlearn.models:WideCNN", "--weights", "w.safetensors", "--samples", "3",
+      "--out", "o.safetensors"], "do not fit --model unlearn.models:WideCNN"),
+    (["unlearn", "run.zarr", "--model", "nope.mod:F", "--weights", "w.safetensors", "--samples", "3",
+      "--out", "o.safetensors"], "cannot import --model nope.mod:F"),
+    (["unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "missing.safetensors",
+      "--samples", "3", "--out", "o.safetensors"], "weights file missing.safetensors does not exist"),
+    (["unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "ids.txt", "--samples", "3",
+      "--out", "o.safetensors"], "cannot read weights ids.txt as safetensors"),
+])
+def test_user_errors_are_one_line_exit_2(workdir, args, message):
+    rc, out, err = run(*args, cwd=workdir)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("updatestore: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_model_store_mismatch_is_user_error(workdir):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    save_file(model.state_dict(), str(workdir / "lin.safetensors"))
+    (workdir / "factory.py").write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(3, 2))\n")
+    rc, _, err = run("unlearn", "run.zarr", "--model", "factory:make", "--weights", "lin.safetensors",
+                     "--samples", "3", "--out", "o.safetensors", cwd=workdir)
+    assert rc == 2 and "was recorded for a model with layer 'conv1.weight'" in err
