@@ -150,3 +150,15 @@ def test_device_encoders_match_numpy_encoders(case):
         mask = torch.zeros((numel + 7) // 8 * 8, dtype=torch.bool)
         mask[t] = True
         np.testing.assert_array_equal(_pack_bits_torch(mask).numpy(), encode_bitmap(row[None], numel)[0])
+
+
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=40, unique=True), st.integers(1, 64))
+@settings(max_examples=100, deadline=None)
+def test_read_plan_selects_exactly_the_steps(steps, chunk_rows):
+    from updatestore.store import _read_plan
+
+    sel = np.array(sorted(steps))
+    spans, keep = _read_plan(sel, chunk_rows)
+    rows = np.concatenate([np.arange(s.start, s.stop) for s in spans])
+    got = rows if keep is None else rows[keep]
+    np.testing.assert_array_equal(got, sel)
