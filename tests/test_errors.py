@@ -44,27 +44,66 @@ def test_create_refuses_existing(store_path, tiny):
     UpdateStore.create(store_path, tiny, overwrite=True)
 
 
-def test_newer_format_version_refused(store_path, tiny):
+def rewrite_meta(path, change):
+    """Change a store's metadata the way a crafted (not damaged) store would: checksum recomputed."""
     import zarr
 
-    UpdateStore.create(store_path, tiny)
-    root = zarr.open_group(store_path, mode="r+")
+    from updatestore.layout import META_CHECK, _sha256_json
+
+    root = zarr.open_group(path, mode="r+")
     meta = dict(root.attrs["updatestore"])
-    meta["format_version"] = 99
-    root.attrs["updatestore"] = meta
+    change(meta)
+    root.attrs.update({"updatestore": meta, META_CHECK: _sha256_json(meta)})
+
+
+def test_newer_format_version_refused(store_path, tiny):
+    UpdateStore.create(store_path, tiny)
+    rewrite_meta(store_path, lambda m: m.update(format_version=99))
     with pytest.raises(UnsupportedFormatError, match="format version 99.*Upgrade updatestore"):
         UpdateStore.open(store_path)
 
 
 def test_path_traversal_layer_name_refused(store_path, tiny):
+    UpdateStore.create(store_path, tiny)
+    rewrite_meta(store_path, lambda m: m.update(layers=[dict(m["layers"][0], name="../../etc")] + m["layers"][1:]))
+    with pytest.raises(NotAStoreError, match="invalid layer name"):
+        UpdateStore.open(store_path)
+
+
+def test_edited_metadata_refused_by_checksum(store_path, tiny):
     import zarr
 
     UpdateStore.create(store_path, tiny)
     root = zarr.open_group(store_path, mode="r+")
     meta = dict(root.attrs["updatestore"])
-    meta["layers"] = [dict(meta["layers"][0], name="../../etc")] + meta["layers"][1:]
+    meta["layers"] = [dict(meta["layers"][0], keep=0.5)] + meta["layers"][1:]
     root.attrs["updatestore"] = meta
-    with pytest.raises(NotAStoreError, match="invalid layer name"):
+    with pytest.raises(NotAStoreError, match="does not match its checksum"):
+        UpdateStore.open(store_path)
+
+
+def test_changed_array_metadata_refused(store_path, tiny):
+    import json
+
+    with UpdateStore.create(store_path, tiny, keep=1.0) as store:
+        train(store, tiny, steps=3)
+    meta_file = store_path / "layers" / "fc1.bias" / "values" / "zarr.json"
+    doc = json.loads(meta_file.read_text())
+    doc["fill_value"] = 1
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(NotAStoreError, match="'layers/fc1.bias/values' does not match the metadata"):
+        UpdateStore.open(store_path)
+
+
+def test_edited_commit_record_refused(store_path, tiny):
+    import json
+
+    with UpdateStore.create(store_path, tiny) as store:
+        train(store, tiny, steps=3)
+    f = store_path / "steps" / "zarr.json"
+    f.write_text(f.read_text().replace('"num_steps": 3', '"num_steps": 2'))
+    assert '"num_steps": 2' in f.read_text()
+    with pytest.raises(NotAStoreError, match="invalid commit record"):
         UpdateStore.open(store_path)
 
 

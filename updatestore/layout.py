@@ -9,6 +9,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ __all__ = [
 
 FORMAT_NAME = "updatestore"
 FORMAT_VERSION = 1
+#: Root attribute holding the sha256 of the canonical JSON of the metadata.
+META_CHECK = "updatestore_sha256"
 
 #: Step status codes in ``steps/status``.
 STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP skipped it)
@@ -182,23 +185,43 @@ def _compressors(clevel: int, shuffle: str) -> list:
     return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
 
 
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def array_digest(arr: zarr.Array) -> str:
+    """sha256 of an array's Zarr metadata without its shape (which grows) or attributes.
+
+    Recorded at creation and checked on open, so a damaged ``zarr.json`` (a
+    changed dtype, codec or fill value) is refused instead of decoding wrongly.
+    """
+    d = arr.metadata.to_dict()
+    d.pop("shape", None)
+    d.pop("attributes", None)
+    return _sha256_json(d)
+
+
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
                 meta: dict[str, Any]) -> None:
     """Create every array of an empty store and write its metadata."""
     vdt = value_storage_dtype(config.value_dtype)
+    digests: dict[str, str] = {}
     steps = root.create_group("steps")
     for name, dtype in (("status", "uint8"), ("sample_end", "int64")):
-        steps.create_array(name, shape=(0,), dtype=dtype, chunks=(VECTOR_CHUNK,),
-                           compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+        arr = steps.create_array(name, shape=(0,), dtype=dtype, chunks=(VECTOR_CHUNK,),
+                                 compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+        digests[f"steps/{name}"] = array_digest(arr)
     samples = root.create_group("samples")
-    samples.create_array("ids", shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
-                         compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+    arr = samples.create_array("ids", shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
+                               compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+    digests["samples/ids"] = array_digest(arr)
     layers = root.create_group("layers")
     for s in specs:
         g = layers.create_group(s.name, attributes={"updatestore": s.to_json()})
-        g.create_array("values", shape=(0, s.k), dtype=vdt, chunks=(s.chunk_rows, s.k),
-                       shards=(block, s.k), compressors=_compressors(config.clevel, "shuffle"),
-                       fill_value=0)
+        arr = g.create_array("values", shape=(0, s.k), dtype=vdt, chunks=(s.chunk_rows, s.k),
+                             shards=(block, s.k), compressors=_compressors(config.clevel, "shuffle"),
+                             fill_value=0)
+        digests[f"{s.path}/values"] = array_digest(arr)
         # Shuffle choices measured (benchmarks/storage.py --encodings): byte-shuffle
         # for bf16/fp values and gaps, none for bitmaps (bit-shuffle was 10 % larger).
         if s.positions == "bitmap":
@@ -207,11 +230,13 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
             width, pdt, shuffle = s.k, gap_dtype(s.numel), "shuffle"
         else:
             continue
-        g.create_array("positions", shape=(0, width), dtype=pdt, chunks=(s.chunk_rows, width),
-                       shards=(block, width), compressors=_compressors(config.clevel, shuffle),
-                       fill_value=0)
-    root.attrs.update({FORMAT_NAME: meta})
-    steps.attrs.update({"num_steps": 0, "num_samples": 0})
+        arr = g.create_array("positions", shape=(0, width), dtype=pdt, chunks=(s.chunk_rows, width),
+                             shards=(block, width), compressors=_compressors(config.clevel, shuffle),
+                             fill_value=0)
+        digests[f"{s.path}/positions"] = array_digest(arr)
+    meta = dict(meta, arrays=digests)
+    root.attrs.update({FORMAT_NAME: meta, META_CHECK: _sha256_json(meta)})
+    write_counts(root, 0, 0)
 
 
 def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprint: str,
@@ -243,6 +268,11 @@ def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerS
             f"{where} has format version {version!r}; this library reads versions 1..{FORMAT_VERSION}. "
             "Upgrade updatestore to read it."
         )
+    if root.attrs.get(META_CHECK) != _sha256_json(meta):
+        raise NotAStoreError(
+            f"{where}: the store's metadata does not match its checksum ({META_CHECK}); the file "
+            "zarr.json was changed or damaged. Restore it from a backup"
+        )
     if meta.get("value_dtype") not in ("bfloat16", "float16", "float32"):
         raise NotAStoreError(f"{where}: invalid value_dtype {meta.get('value_dtype')!r}")
     block = meta.get("block_steps")
@@ -254,18 +284,61 @@ def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerS
     specs = [LayerSpec.from_json(d) for d in layers]
     if len({s.name for s in specs}) != len(specs):
         raise NotAStoreError(f"{where}: duplicate layer names in metadata")
+    for s in specs:
+        if s.k != kept_count(s.keep, s.numel):
+            raise NotAStoreError(f"{where}: layer {s.name!r} has k={s.k}, but keep {s.keep} of {s.numel} gives "
+                                 f"{kept_count(s.keep, s.numel)}")
+    if not isinstance(meta.get("arrays"), dict):
+        raise NotAStoreError(f"{where}: metadata has no array checksums")
     return meta, specs
+
+
+def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], num_steps: int,
+                num_samples: int, where: str) -> dict[str, zarr.Array]:
+    """Every array of the store, each checked against the metadata it was created with."""
+    wanted = ["steps/status", "steps/sample_end", "samples/ids"]
+    for s in specs:
+        wanted.append(f"{s.path}/values")
+        if s.positions != "dense":
+            wanted.append(f"{s.path}/positions")
+    if sorted(wanted) != sorted(meta["arrays"]):
+        raise NotAStoreError(f"{where}: the metadata's array list does not match its layers")
+    out = {}
+    for path in wanted:
+        try:
+            arr = root[path]
+        except Exception as exc:  # missing node, unreadable or invalid zarr.json
+            raise NotAStoreError(f"{where}: array {path!r} is missing or damaged: {exc}") from exc
+        if not isinstance(arr, zarr.Array) or array_digest(arr) != meta["arrays"][path]:
+            raise NotAStoreError(
+                f"{where}: array {path!r} does not match the metadata it was created with "
+                "(its zarr.json was changed or damaged)"
+            )
+        need = num_samples if path == "samples/ids" else num_steps
+        if arr.shape[0] < need:
+            raise NotAStoreError(f"{where}: array {path!r} holds {arr.shape[0]} rows but {need} are committed")
+        out[path] = arr
+    return out
+
+
+def _counts_check(n: int, m: int) -> int:
+    return zlib.crc32(f"updatestore:{n}:{m}".encode())
 
 
 def read_counts(root: zarr.Group, where: str) -> tuple[int, int]:
     """Committed ``(num_steps, num_samples)``: the commit record readers trust."""
-    attrs = root["steps"].attrs
-    n, m = attrs.get("num_steps"), attrs.get("num_samples")
-    if not isinstance(n, int) or not isinstance(m, int) or n < 0 or m < 0:
+    try:
+        attrs = dict(root["steps"].attrs)
+    except Exception as exc:
+        raise NotAStoreError(f"{where}: the commit record (steps/zarr.json) is missing or damaged: {exc}") from exc
+    n, m, check = attrs.get("num_steps"), attrs.get("num_samples"), attrs.get("check")
+    if (not isinstance(n, int) or not isinstance(m, int) or isinstance(n, bool) or n < 0 or m < 0
+            or check != _counts_check(n, m)):
         raise NotAStoreError(f"{where}: invalid commit record num_steps={n!r} num_samples={m!r}")
     return n, m
 
 
 def write_counts(root: zarr.Group, num_steps: int, num_samples: int) -> None:
     # One small JSON document, written atomically by the store: the commit point.
-    root["steps"].attrs.update({"num_steps": num_steps, "num_samples": num_samples})
+    root["steps"].attrs.update({"num_steps": num_steps, "num_samples": num_samples,
+                                "check": _counts_check(num_steps, num_samples)})

@@ -32,11 +32,13 @@ from .errors import (
 from .footprint import Footprint
 from .index import SampleIndex, as_sample_ids
 from .layout import (
+    STATUS_NOT_STORED,
     STATUS_RECORDED,
     LayerSpec,
     create_tree,
     model_fingerprint,
     new_meta,
+    open_arrays,
     plan_layers,
     read_counts,
     read_meta,
@@ -119,10 +121,16 @@ class UpdateStore:
         self._counter: _CountingStore = root.store  # type: ignore[assignment]
         self._where = where
         self._mode = mode
-        self._meta, specs = read_meta(root, where)
+        try:
+            self._meta, specs = read_meta(root, where)
+            self._steps, self._samples = read_counts(root, where)
+            self._all_arrays = open_arrays(root, self._meta, specs, self._steps, self._samples, where)
+        except UpdateStoreError:
+            raise
+        except Exception as exc:  # damaged JSON or metadata that zarr cannot parse
+            raise NotAStoreError(f"{where} cannot be opened as an update store: {exc}") from exc
         self._specs: tuple[LayerSpec, ...] = tuple(specs)
         self._by_name = {s.name: s for s in specs}
-        self._steps, self._samples = read_counts(root, where)
         self._writer: BlockWriter | None = None
         self._writer_owner: Recorder | None = None
         self._index: SampleIndex | None = None
@@ -334,12 +342,19 @@ class UpdateStore:
         n = self.num_batches
         if self._index is None or self._index.num_steps != n:
             m = self._samples
-            ends = self._root["steps/sample_end"][:n] if n else np.zeros(0, np.int64)
-            ids = self._root["samples/ids"][:m] if m else np.zeros(0, np.int64)
+            try:
+                ends = self._root["steps/sample_end"][:n] if n else np.zeros(0, np.int64)
+                ids = self._root["samples/ids"][:m] if m else np.zeros(0, np.int64)
+                status = self._root["steps/status"][:n] if n else np.zeros(0, np.uint8)
+            except Exception as exc:  # checksum or codec failure in the step table
+                raise CorruptStoreError(f"store {self._where}: the step table or sample index cannot be read: "
+                                        f"{exc}") from exc
             if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
                 raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
+            if (status > STATUS_NOT_STORED).any():
+                raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
             self._index = SampleIndex(ids, ends)
-            self._status = self._root["steps/status"][:n] if n else np.zeros(0, np.uint8)
+            self._status = status
         return self._index
 
     def batches_containing(self, ids: Any) -> np.ndarray:

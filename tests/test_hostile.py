@@ -1,0 +1,96 @@
+"""Hostile and damaged stores: every outcome is a clean updatestore error or correct data."""
+
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import unlearn
+from conftest import make_tiny, train
+from updatestore import CorruptStoreError, UpdateStore, UpdateStoreError
+
+FORGET = [3, 10]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    model = make_tiny()
+    keep = {"fc1.weight": 0.01, "fc2.bias": 1.0, "*": 0.5}  # gaps, dense and bitmap layers
+    with UpdateStore.create(root / "s.zarr", model, keep=keep) as store:
+        train(store, model, steps=12, ids_fn=lambda s: np.arange(8) + 4 * (s % 4))
+    with UpdateStore.open(root / "s.zarr") as store:
+        expected = _observe(store, model)
+    files = sorted(str(p.relative_to(root / "s.zarr")) for p in (root / "s.zarr").rglob("*") if p.is_file())
+    return root / "s.zarr", model, expected, files
+
+
+def _observe(store, model):
+    m = copy.deepcopy(model)
+    unlearn.amnesiac(m, store, FORGET)
+    rows = {s.name: store.read_rows(s.name, 0, store.num_batches) for s in store.layers}
+    return {"params": {n: p.detach().clone() for n, p in m.named_parameters()},
+            "steps": store.batches_containing(list(range(40))).tolist(), "rows": rows,
+            "status": store.step_status().tolist()}
+
+
+def _same(a, b):
+    if a["steps"] != b["steps"] or a["status"] != b["status"]:
+        return False
+    for name, (v, p) in a["rows"].items():
+        v2, p2 = b["rows"][name]
+        if not torch.equal(v, v2) or (p is None) != (p2 is None) or (p is not None and not torch.equal(p, p2)):
+            return False
+    return all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+
+
+@given(data=st.data())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_flipped_bytes_never_give_silently_wrong_results(pristine, tmp_path_factory, data):
+    src, model, expected, files = pristine
+    work = tmp_path_factory.mktemp("fuzz") / "s.zarr"
+    shutil.copytree(src, work)
+    name = data.draw(st.sampled_from(files), label="file")
+    target = work / name
+    raw = bytearray(target.read_bytes())
+    for _ in range(data.draw(st.integers(1, 3), label="flips")):
+        pos = data.draw(st.integers(0, len(raw) - 1), label="offset")
+        raw[pos] ^= data.draw(st.integers(1, 255), label="xor")
+    target.write_bytes(bytes(raw))
+    try:
+        with UpdateStore.open(work) as store:
+            got = _observe(store, model)
+    except UpdateStoreError:
+        return  # a clean, specific error: fine
+    assert _same(got, expected), f"silently different result after corrupting {name}"
+
+
+def test_corrupt_chunk_names_layer_and_steps_and_leaves_model_unchanged(pristine, tmp_path):
+    src, model, _, files = pristine
+    work = tmp_path / "s.zarr"
+    shutil.copytree(src, work)
+    chunk = next(f for f in files if f.startswith("layers/fc1.bias/values/c"))
+    raw = bytearray((work / chunk).read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    (work / chunk).write_bytes(bytes(raw))
+    m = copy.deepcopy(model)
+    with UpdateStore.open(work) as store:
+        with pytest.raises(CorruptStoreError, match=r"layer 'fc1.bias' steps .* cannot be read"):
+            unlearn.amnesiac(m, store, FORGET)
+    for (n, a), (_, b) in zip(m.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_package_never_uses_pickle_or_unsafe_torch_load():
+    root = Path(__file__).parents[1]
+    pattern = re.compile(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)|pickle\.load|torch\.load\(")
+    for pkg in ("updatestore", "unlearn", "benchmarks"):
+        for f in (root / pkg).rglob("*.py"):
+            for line in f.read_text().splitlines():
+                assert not pattern.search(line), f"{f}: {line.strip()}"
