@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     WriterError,
 )
 from .footprint import Footprint  # noqa: E402
+from .lock import StoreLockedError  # noqa: E402
 from .layout import FORMAT_VERSION, STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec  # noqa: E402
 from .recorder import Recorder  # noqa: E402
 from .store import UpdateStore  # noqa: E402
@@ -50,6 +51,7 @@ __all__ = [
     "SampleIdError",
     "WriterError",
     "CorruptStoreError",
+    "StoreLockedError",
     "UnlearnError",
     "NonFiniteUpdateError",
 ]

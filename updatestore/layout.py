@@ -235,7 +235,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
                              fill_value=0)
         digests[f"{s.path}/positions"] = array_digest(arr)
     meta = dict(meta, arrays=digests)
-    root.attrs.update({FORMAT_NAME: meta, META_CHECK: _sha256_json(meta)})
+    root.update_attributes({FORMAT_NAME: meta, META_CHECK: _sha256_json(meta)})  # one write
     write_counts(root, 0, 0)
 
 
@@ -339,6 +339,7 @@ def read_counts(root: zarr.Group, where: str) -> tuple[int, int]:
 
 
 def write_counts(root: zarr.Group, num_steps: int, num_samples: int) -> None:
-    # One small JSON document, written atomically by the store: the commit point.
-    root["steps"].attrs.update({"num_steps": num_steps, "num_samples": num_samples,
+    # One small JSON document, written atomically by the store: the commit point. Not
+    # attrs.update(), which writes the file once per key (a crash between them tears it).
+    root["steps"].update_attributes({"num_steps": num_steps, "num_samples": num_samples,
                                 "check": _counts_check(num_steps, num_samples)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from .errors import (
 )
 from .footprint import Footprint
 from .index import SampleIndex, as_sample_ids
+from .lock import WriterLock
 from .layout import (
     STATUS_NOT_STORED,
     STATUS_RECORDED,
@@ -137,6 +140,18 @@ class UpdateStore:
         self._status: np.ndarray | None = None
         self._arrays: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
         self._closed = False
+        self._lock: WriterLock | None = None
+        if mode == "r+":
+            self._take_lock()
+
+    def _take_lock(self) -> None:
+        backend = self._counter._store
+        if isinstance(backend, LocalStore):
+            lock = WriterLock(backend.root)
+            lock.acquire()
+            self._lock = lock
+            # Release even if the handle is dropped without close().
+            self._finalizer = weakref.finalize(self, lock.release)
 
     # ------------------------------------------------------------ create / open
     @classmethod
@@ -164,6 +179,12 @@ class UpdateStore:
                     f"{where} already exists and is not empty; choose a new path, "
                     "open it with UpdateStore.open(path, 'r+'), or pass overwrite=True"
                 )
+            if overwrite and store.root.is_dir():
+                probe = WriterLock(store.root)  # never overwrite a store someone is writing
+                probe.acquire()
+                probe.release()
+                shutil.rmtree(store.root)
+                overwrite = False
         meta = new_meta(specs, block, config, model_fingerprint(named), __version__)
         try:
             root = zarr.open_group(_CountingStore(store), mode="w" if overwrite else "w-", zarr_format=3)
@@ -217,6 +238,8 @@ class UpdateStore:
                 owner.detach()
             else:  # pragma: no cover - writer without owner does not happen
                 self._close_writer(None)
+        if self._lock is not None:
+            self._lock.release()
         self._closed = True
 
     # ------------------------------------------------------------ properties

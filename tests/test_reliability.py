@@ -1,0 +1,134 @@
+"""Reliability: one writer, crash safety under SIGKILL, resuming after a crash."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny, train
+from updatestore import StoreLockedError, UpdateStore
+from updatestore.pruning import prune_topk
+
+
+def test_second_writer_refused_reader_allowed(store_path, tiny):
+    store = UpdateStore.create(store_path, tiny)
+    with pytest.raises(StoreLockedError, match=rf"open for writing by process {os.getpid()}.*delete"):
+        UpdateStore.open(store_path, "r+")
+    with pytest.raises(StoreLockedError):
+        UpdateStore.create(store_path, tiny, overwrite=True)
+    UpdateStore.open(store_path).close()  # readers are never blocked
+    store.close()
+    UpdateStore.open(store_path, "r+").close()  # released on close
+
+
+def test_stale_lock_of_dead_process_is_recovered(store_path, tiny):
+    UpdateStore.create(store_path, tiny).close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (store_path / "updatestore.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                             "since": 0}))
+    UpdateStore.open(store_path, "r+").close()
+
+
+def test_lock_released_when_handle_is_dropped(store_path, tiny):
+    import gc
+
+    store = UpdateStore.create(store_path, tiny)
+    del store
+    gc.collect()
+    UpdateStore.open(store_path, "r+").close()
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from updatestore import UpdateStore
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4))
+    path, resume, count = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
+    store = UpdateStore.open(path, "r+") if resume else UpdateStore.create(path, model, keep=0.5,
+                                                                       value_dtype="float32", buffer_bytes=65536)
+    start = store.num_batches
+    with torch.no_grad():  # replay the parameters up to where the store stands
+        for s in range(start):
+            g = torch.Generator().manual_seed(s)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    print("ready", start, flush=True)
+    with store.recorder(model) as rec:
+        for s in range(start, start + count):
+            g = torch.Generator().manual_seed(s)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+            rec.step([s, 10_000 + s])
+            if s % 3 == 2:
+                store.flush()
+                print("committed", store.num_batches, flush=True)
+    store.close()
+    print("done", flush=True)
+""")
+
+
+def _expected_deltas(n):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4))
+    out = []
+    with torch.no_grad():
+        for s in range(n):
+            g = torch.Generator().manual_seed(s)
+            row = {}
+            for name, p in model.named_parameters():
+                before = p.detach().clone()
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+                row[name] = (p - before).flatten()
+            out.append(row)
+    return out
+
+
+def _check_store(path, committed):
+    with UpdateStore.open(path) as store:
+        n = store.num_batches
+        assert n >= committed, f"{committed} steps were reported committed, the store shows {n}"
+        assert store.num_samples == 2 * n
+        expected = _expected_deltas(n)
+        for spec in store.layers:
+            values, pos = store.read_rows(spec.name, 0, n)
+            for s in range(n):
+                want_v, want_p = prune_topk(expected[s][spec.name], spec.k)
+                assert torch.equal(pos[s], want_p) and torch.equal(values[s], want_v), (spec.name, s)
+        for s in range(n):
+            assert store.samples_in(s).tolist() == [s, 10_000 + s]
+        return n
+
+
+def test_sigkill_at_random_points_leaves_committed_steps_intact(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = random.Random(1234)
+    for trial in range(20):
+        path = tmp_path / f"s{trial}.zarr"
+        proc = subprocess.Popen([sys.executable, str(script), str(path), "new", "300"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("ready")
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        committed = max([int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")],
+                        default=0)
+        if not path.exists() or not (path / "zarr.json").exists():
+            continue  # killed before the store was created: nothing was promised
+        n = _check_store(path, committed)
+        if trial % 5 == 0:  # recording resumes into the same store after the crash
+            done = subprocess.run([sys.executable, str(script), str(path), "resume", "40"], capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert _check_store(path, n + 40) == n + 40
