@@ -44,7 +44,7 @@ def test_info_text_and_json(workdir):
     assert 0 < info["footprint"]["ratio"] < 0.1
 
 
-def test_query_json_matches_library(workdir):
+def test_query_json_matches_library(workdir):  # runs before the unlearning test purges IDs
     rc, out, _ = run("query", "run.zarr", "--samples-file", "ids.txt", "--json", cwd=workdir)
     res = json.loads(out)
     store = UpdateStore.open(workdir / "run.zarr")
@@ -53,6 +53,9 @@ def test_query_json_matches_library(workdir):
 
 
 def test_unlearn_writes_safetensors_equal_to_library(workdir):
+    import shutil
+
+    shutil.copytree(workdir / "run.zarr", workdir / "copy.zarr")  # the CLI purges what it subtracted
     rc, out, err = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
                        "--samples", "3,17", "--out", "out.safetensors", "--json", cwd=workdir)
     assert rc == 0, err
@@ -62,10 +65,15 @@ def test_unlearn_writes_safetensors_equal_to_library(workdir):
 
     model = DigitsCNN()
     model.load_state_dict(load_file(str(workdir / "w.safetensors")))
-    unlearn.amnesiac(model, UpdateStore.open(workdir / "run.zarr"), [3, 17])
+    with UpdateStore.open(workdir / "copy.zarr", "r+") as store:
+        unlearn.amnesiac(model, store, [3, 17])
     got = load_file(str(workdir / "out.safetensors"))
     for k, v in model.state_dict().items():
         assert torch.equal(got[k], v)
+    rc, out, _ = run("info", "run.zarr", "--json", cwd=workdir)
+    info = json.loads(out)
+    assert info["ledger"][0]["steps"] == report["steps_hit"] and info["ledger"][0]["purged"]
+    assert info["steps_purged"] == len(report["steps_hit"])
 
 
 def test_dry_run_writes_nothing(workdir):

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import STATUS_RECORDED, NonFiniteUpdateError, UpdateStore
+from updatestore import (
+    STATUS_PURGED,
+    STATUS_RECORDED,
+    NonFiniteUpdateError,
+    ReadOnlyStoreError,
+    UpdateStore,
+)
+from updatestore.layout import PURGED_ID
+from updatestore.ledger import hash_ids, ids_in_ledger, now, subtracted_in_lineage, weights_fingerprint
 from updatestore.index import as_sample_ids
 
 from .report import UnlearnReport
@@ -84,7 +92,8 @@ def _safe_apply(pairs: list, new_values: list[torch.Tensor | None]) -> None:
 
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
              device: str | torch.device | None = None, dry_run: bool = False,
-             block_steps: int = 16, progress: bool = False) -> UnlearnReport:
+             block_steps: int = 16, progress: bool = False, ledger: bool = True,
+             purge: bool = True) -> UnlearnReport:
     """Forget ``sample_ids`` by subtracting the stored updates of every step that used them.
 
     θ' = θ − Σ_{steps b containing the samples} Δθ_b, with Δθ_b as stored (all
@@ -95,25 +104,46 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     changes; a failure leaves the model as it was. ``progress=True`` shows a
     progress bar over the blocks of steps.
 
+    Idempotent: steps the audit ledger shows were already subtracted from this
+    very model (matched by a hash of its weights) are never subtracted again.
+    ``ledger=True`` appends an entry to the store's audit ledger; ``purge=True``
+    then erases the subtracted steps' rows and the forgotten IDs from disk
+    (:meth:`UpdateStore.purge`). Both need the store opened ``"r+"``.
+
     >>> report = unlearn.amnesiac(model, store, [3, 17, 42], dry_run=True)  # doctest: +SKIP
     >>> print(report)                                                       # doctest: +SKIP
     amnesiac: 3/3 samples found; would subtract 5 of 420 steps (1.2%)
     """
     t0 = time.perf_counter()
     pairs = store.check_model(model)
+    if not dry_run and (ledger or purge) and store.mode != "r+":
+        raise ReadOnlyStoreError(
+            f"unlearning records an audit entry in store {store.path} and purges the forgotten rows: open it "
+            "with UpdateStore.open(path, 'r+'), or pass ledger=False, purge=False"
+        )
     ids = np.unique(as_sample_ids(sample_ids))
+    entries = store.ledger()
     found = store.contains(ids) if ids.size else np.zeros(0, dtype=bool)
-    unknown = ids[~found]
+    forgotten_before = ~found & ids_in_ledger(entries, ids) if ids.size else np.zeros(0, dtype=bool)
+    unknown = ids[~found & ~forgotten_before]
     if unknown.size:
         warnings.warn(f"{unknown.size} of {ids.size} sample IDs were never recorded in {store.path}: "
                       f"{unknown[:10].tolist()}", stacklevel=2)
+    fingerprint = weights_fingerprint(model)
+    done = subtracted_in_lineage(entries, fingerprint)
     steps = store.batches_containing(ids[found])
     status = store.step_status()
-    hit = steps[status[steps] == STATUS_RECORDED]
-    others = np.setdiff1d(store.samples_in_steps(hit), ids)
+    was_done = np.isin(steps, np.fromiter(done, dtype=np.int64, count=len(done)))
+    hit = steps[(status[steps] == STATUS_RECORDED) & ~was_done]
+    unavailable = steps[(status[steps] == STATUS_PURGED) & ~was_done]
+    if unavailable.size:
+        warnings.warn(f"{unavailable.size} step(s) holding these samples were purged after unlearning another "
+                      "copy of the model; their updates cannot be subtracted from this one", stacklevel=2)
+    others = np.setdiff1d(store.samples_in_steps(hit), np.append(ids, PURGED_ID))
     dev = pick_device(model, device)
     read0 = store.bytes_read
-    applied = False
+    applied = purged = False
+    entry = None
     if not dry_run and hit.size:
         new_values = []
         for (spec, p), delta in zip(pairs, _accumulate(store, pairs, hit, dev, block_steps, progress)):
@@ -127,14 +157,28 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
             new_values.append(new)
         _safe_apply(pairs, new_values)
         applied = True
+    method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
+    if applied and ledger:
+        entry = store.log_unlearning({
+            "time": now(), "method": method, "sample_id_sha256": hash_ids(ids[found]),
+            "steps": hit.tolist(), "model_before": fingerprint, "model_after": weights_fingerprint(model),
+            "purged": False,
+        })
+    if not dry_run and purge and found.any():
+        # Steps subtracted now or earlier from this model, whose rows are still on disk.
+        leftover = steps[(status[steps] == STATUS_RECORDED) & (was_done | np.isin(steps, hit))]
+        store.purge(leftover, samples=ids[found])
+        purged = True
+        if entry is not None:
+            store._update_ledger(entry, purged=True)
     return UnlearnReport(
-        method="amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac",
+        method=method,
         requested=int(ids.size),
         found=int(found.sum()),
         unknown=unknown,
         steps_hit=hit,
         steps_total=store.num_batches,
-        steps_without_update=int(steps.size - hit.size),
+        steps_without_update=int(((status[steps] == 0) | (status[steps] == 2)).sum()),
         collateral=int(others.size),
         bytes_read=store.bytes_read - read0,
         seconds=time.perf_counter() - t0,
@@ -142,4 +186,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
         applied=applied,
         device=str(dev),
         keep={s.name: s.keep for s in store.layers},
+        steps_already_subtracted=int(was_done.sum()),
+        steps_unavailable=int(unavailable.size),
+        already_forgotten=ids[forgotten_before],
+        purged=purged,
+        ledger_entry=entry,
     )

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from updatestore import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, UpdateStore, UpdateStoreError
+from updatestore import (
+    STATUS_NOT_STORED,
+    STATUS_PURGED,
+    STATUS_RECORDED,
+    STATUS_SKIPPED,
+    UpdateStore,
+    UpdateStoreError,
+)
 from updatestore.index import as_sample_ids
 
 __all__ = ["main", "CliError"]
@@ -72,6 +79,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "layers": [{"name": s.name, "shape": list(s.shape), "keep": s.keep, "k": s.k, "positions": s.positions}
                        for s in store.layers],
             "footprint": fp.to_dict(),
+            "ledger": store.ledger(),
+            "steps_purged": int((status == STATUS_PURGED).sum()),
         }
     width = max(len(layer["name"]) for layer in info["layers"])
     lines = [
@@ -84,6 +93,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         *[f"  {lay['name']:<{width}}  {str(tuple(lay['shape'])):<16} keep {lay['keep']:<6} k {lay['k']:<8} "
           f"{lay['positions']}" for lay in info["layers"]],
         str(fp),
+        f"audit ledger: {len(info['ledger'])} unlearning(s); {info['steps_purged']} step(s) purged",
+        *[f"  [{i}] {e.get('time')} {e.get('method')}: {len(e.get('sample_id_sha256', []))} samples, "
+          f"{len(e.get('steps', []))} steps, model {str(e.get('model_before'))[:12]} -> "
+          f"{str(e.get('model_after'))[:12]}{', purged' if e.get('purged') else ''}"
+          for i, e in enumerate(info["ledger"])],
     ]
     _print(info, args.json, "\n".join(lines))
     return 0
@@ -150,12 +164,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         raise CliError(f"weights {args.weights} do not fit --model {args.model}: {detail}") from None
     if not args.dry_run and args.out is None:
         raise CliError("--out is required (where to write the unlearned weights), or pass --dry-run")
-    with UpdateStore.open(args.store) as store, warnings.catch_warnings():
+    mode = "r" if args.dry_run or (args.no_ledger and args.no_purge) else "r+"
+    with UpdateStore.open(args.store, mode) as store, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # unknown IDs are in the printed report
         if args.device:
             model.to(args.device)
         report = amnesiac(model, store, ids, device=args.device, dry_run=args.dry_run,
-                          progress=not args.quiet and sys.stderr.isatty())
+                          progress=not args.quiet and sys.stderr.isatty(), ledger=not args.no_ledger,
+                          purge=not args.no_purge)
     if not args.dry_run:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(args.out))
     _print(report.to_dict() | {"out": None if args.dry_run else str(args.out)}, args.json,
@@ -205,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="where to write the unlearned weights (.safetensors)")
     s.add_argument("--dry-run", action="store_true", help="report the steps and collateral, change nothing")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    s.add_argument("--no-ledger", action="store_true", help="do not append an entry to the store's audit ledger")
+    s.add_argument("--no-purge", action="store_true", help="keep the subtracted rows and the IDs on disk")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_unlearn)
 

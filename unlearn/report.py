@@ -32,6 +32,11 @@ class UnlearnReport:
     applied: bool
     device: str
     keep: dict[str, float] = field(default_factory=dict)
+    steps_already_subtracted: int = 0
+    steps_unavailable: int = 0
+    already_forgotten: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    purged: bool = False
+    ledger_entry: int | None = None
 
     @property
     def share(self) -> float:
@@ -54,6 +59,11 @@ class UnlearnReport:
             "dry_run": self.dry_run,
             "applied": self.applied,
             "device": self.device,
+            "steps_already_subtracted": self.steps_already_subtracted,
+            "steps_unavailable": self.steps_unavailable,
+            "already_forgotten": self.already_forgotten.tolist(),
+            "purged": self.purged,
+            "ledger_entry": self.ledger_entry,
         }
 
     def __str__(self) -> str:
@@ -65,8 +75,21 @@ class UnlearnReport:
         ]
         if self.steps_without_update:
             lines.append(f"{self.steps_without_update} step(s) held the samples but stored no update (skipped/unwatched)")
+        if self.steps_already_subtracted:
+            lines.append(f"{self.steps_already_subtracted} step(s) were already subtracted from this model "
+                         "(audit ledger): not subtracted again")
+        if len(self.already_forgotten):
+            lines.append(f"{len(self.already_forgotten)} sample ID(s) were already forgotten and purged")
+        if self.steps_unavailable:
+            lines.append(f"{self.steps_unavailable} step(s) were purged after unlearning another copy of the "
+                         "model: their updates are gone")
         if len(self.unknown):
             shown = ", ".join(map(str, self.unknown[:10].tolist())) + (" ..." if len(self.unknown) > 10 else "")
             lines.append(f"unknown sample IDs (never recorded): {shown}")
         lines.append(f"read {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.3f} s on {self.device}")
+        if self.ledger_entry is not None:
+            lines.append(f"audit ledger entry {self.ledger_entry}" + ("; rows and IDs purged from disk"
+                                                                       if self.purged else ""))
+        elif self.purged:
+            lines.append("rows and IDs purged from disk")
         return "\n".join(lines)

@@ -24,7 +24,14 @@ from .errors import (  # noqa: E402
 )
 from .footprint import Footprint  # noqa: E402
 from .lock import StoreLockedError  # noqa: E402
-from .layout import FORMAT_VERSION, STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec  # noqa: E402
+from .layout import (  # noqa: E402
+    FORMAT_VERSION,
+    STATUS_NOT_STORED,
+    STATUS_PURGED,
+    STATUS_RECORDED,
+    STATUS_SKIPPED,
+    LayerSpec,
+)
 from .recorder import Recorder  # noqa: E402
 from .store import UpdateStore  # noqa: E402
 
@@ -34,6 +41,7 @@ __all__ = [
     "STATUS_SKIPPED",
     "STATUS_RECORDED",
     "STATUS_NOT_STORED",
+    "STATUS_PURGED",
     "UpdateStore",
     "Recorder",
     "StoreConfig",

@@ -43,7 +43,10 @@ def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
         raise SampleIdError(f"{what} must be 1-D, got shape {arr.shape}; flatten them first")
     if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
         raise SampleIdError(f"{what} must fit in int64")
-    return arr.astype(np.int64, copy=False)
+    out = arr.astype(np.int64, copy=False)
+    if (out == np.iinfo(np.int64).min).any():
+        raise SampleIdError(f"{what}: -2**63 is reserved (it marks purged IDs on disk)")
+    return out
 
 
 class SampleIndex:

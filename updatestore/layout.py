@@ -29,6 +29,8 @@ __all__ = [
     "STATUS_SKIPPED",
     "STATUS_RECORDED",
     "STATUS_NOT_STORED",
+    "STATUS_PURGED",
+    "PURGED_ID",
     "plan_layers",
     "choose_positions",
     "block_steps_for",
@@ -44,6 +46,10 @@ META_CHECK = "updatestore_sha256"
 STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP skipped it)
 STATUS_RECORDED = 1  # the pruned update is stored in every layer's row
 STATUS_NOT_STORED = 2  # samples indexed, update not stored (``watch=`` filter)
+STATUS_PURGED = 3  # the update was subtracted by unlearning and its rows erased (``purge``)
+
+#: Written over purged sample IDs in ``samples/ids``; refused as a sample ID.
+PURGED_ID = -(2**63)
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -252,6 +258,22 @@ def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprin
         "model_fingerprint": fingerprint,
         "layers": [s.to_json() for s in specs],
     }
+
+
+def read_ledger(root: zarr.Group, where: str) -> list[dict[str, Any]]:
+    """The audit ledger's entries (empty when nothing was unlearned yet)."""
+    if "ledger" not in root:
+        return []
+    attrs = dict(root["ledger"].attrs)
+    entries = attrs.get("entries")
+    if not isinstance(entries, list) or attrs.get("check") != _sha256_json(entries):
+        raise NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged")
+    return entries
+
+
+def write_ledger(root: zarr.Group, entries: list[dict[str, Any]]) -> None:
+    group = root["ledger"] if "ledger" in root else root.create_group("ledger")
+    group.update_attributes({"entries": entries, "check": _sha256_json(entries)})  # one atomic write
 
 
 def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerSpec]]:

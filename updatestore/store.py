@@ -35,7 +35,8 @@ from .footprint import Footprint
 from .index import SampleIndex, as_sample_ids
 from .lock import WriterLock
 from .layout import (
-    STATUS_NOT_STORED,
+    PURGED_ID,
+    STATUS_PURGED,
     STATUS_RECORDED,
     LayerSpec,
     create_tree,
@@ -44,7 +45,9 @@ from .layout import (
     open_arrays,
     plan_layers,
     read_counts,
+    read_ledger,
     read_meta,
+    write_ledger,
 )
 from .recorder import Recorder
 from .writer import BlockWriter, StepRecord
@@ -374,7 +377,7 @@ class UpdateStore:
                                         f"{exc}") from exc
             if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
                 raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
-            if (status > STATUS_NOT_STORED).any():
+            if (status > STATUS_PURGED).any():
                 raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
             self._index = SampleIndex(ids, ends)
             self._status = status
@@ -415,7 +418,8 @@ class UpdateStore:
 
         Returns ``(values, positions)``: float32 ``(n, k)`` and int64 ``(n, k)``
         flat indices into the parameter (``None`` for a dense, keep = 1 layer).
-        Rows of steps without a stored update (status ≠ 1) are meaningless.
+        Rows of steps without a stored update (status ≠ 1: skipped, not stored,
+        purged) hold zero values at positions ``0..k-1``.
         """
         return self._read(layer, slice(start, stop), f"{start}..{stop - 1}")
 
@@ -455,6 +459,10 @@ class UpdateStore:
             return await asyncio.gather(*(fetch(a, plan) for a, plan in arrays), return_exceptions=True)
 
         raw = sync(fetch_all())
+        # Rows of steps without a stored update (skipped, unwatched, purged) are zeros
+        # on disk; decode only recorded rows and give the others zero values at 0..k-1.
+        status = self.step_status()[sel]
+        recorded = status == STATUS_RECORDED
         out = {}
         for i, spec in enumerate(specs):
             raw_v, raw_p = raw[2 * i], raw[2 * i + 1]
@@ -465,10 +473,16 @@ class UpdateStore:
                 values = values_from_numpy(raw_v, self.value_dtype)
                 if spec.positions == "dense":
                     out[spec.name] = (values, None)
-                elif spec.positions == "gaps":
-                    out[spec.name] = (values, torch.from_numpy(decode_gaps(raw_p, spec.numel)))
                 else:
-                    out[spec.name] = (values, torch.from_numpy(decode_bitmap(raw_p, spec.numel, spec.k)))
+                    pos = np.broadcast_to(np.arange(spec.k, dtype=np.int64), (len(status), spec.k)).copy()
+                    if recorded.any():
+                        rows = raw_p[recorded]
+                        pos[recorded] = (decode_gaps(rows, spec.numel) if spec.positions == "gaps"
+                                         else decode_bitmap(rows, spec.numel, spec.k))
+                    if (~recorded).any() and values[torch.from_numpy(~recorded)].any():
+                        raise CorruptStoreError(f"store {self._where}: layer {spec.name!r} holds values "
+                                                f"for steps {what} that have no stored update")
+                    out[spec.name] = (values, torch.from_numpy(pos))
             except UpdateStoreError:
                 raise
             except Exception as exc:  # checksum, codec or decode failure: name what is broken
@@ -506,6 +520,71 @@ class UpdateStore:
     def bytes_read(self) -> int:
         """Bytes read from storage by this handle so far (compressed, as stored)."""
         return self._counter.bytes_read
+
+    # ------------------------------------------------------------ ledger and purge
+    def ledger(self) -> list[dict[str, Any]]:
+        """The audit ledger: one entry per unlearning (time, method, hashed sample IDs,
+        steps subtracted, model fingerprint before and after, whether rows were purged)."""
+        return read_ledger(self._root, self._where)
+
+    def log_unlearning(self, entry: dict[str, Any]) -> int:
+        """Append an entry to the audit ledger; returns its index. Needs ``"r+"``."""
+        self._require_writable("write the audit ledger")
+        entries = self.ledger()
+        entries.append(dict(entry))
+        write_ledger(self._root, entries)
+        return len(entries) - 1
+
+    def _update_ledger(self, index: int, **fields: Any) -> None:
+        entries = self.ledger()
+        entries[index] = dict(entries[index], **fields)
+        write_ledger(self._root, entries)
+
+    def purge(self, steps: Any, *, samples: Any = None) -> dict[str, int]:
+        """Erase the stored updates of ``steps`` and the given sample IDs from disk.
+
+        Steps are first marked purged (status 3: never subtracted again), then
+        their rows are overwritten with zeros in every layer — Zarr drops chunks
+        that become empty and rewrites the others, so the old bytes are no longer
+        in any file — and every occurrence of ``samples`` in the sample index is
+        replaced by a tombstone. Other steps' data stay bit-identical.
+
+        >>> store.purge(report.steps_hit, samples=[3, 17])   # doctest: +SKIP
+        """
+        self._require_writable("purge")
+        if self._writer is not None:
+            raise RecorderError(f"cannot purge store {self._where} while a recorder is attached; detach it first")
+        index = self._get_index()
+        n = index.num_steps
+        steps = np.unique(np.asarray(steps, dtype=np.int64))
+        if steps.size and (steps[0] < 0 or steps[-1] >= n):
+            raise IndexError(f"steps to purge out of range: store {self._where} has {n} steps")
+        status = self.step_status()
+        status[steps] = STATUS_PURGED
+        self._root["steps/status"][:n] = status  # 1. never used again, even if we stop here
+        for spec in self._specs:  # 2. the rows themselves
+            for arr in self._layer_arrays(spec):
+                if arr is None:
+                    continue
+                for run in _read_plan(steps, 1)[0] if steps.size else []:
+                    arr[run] = 0
+        erased = 0
+        if samples is not None:  # 3. the forgotten IDs, wherever they occur
+            ids = as_sample_ids(samples, what="samples to purge")
+            hit = np.flatnonzero(np.isin(index.ids, ids))
+            erased = int(hit.size)
+            if erased:
+                arr = self._root["samples/ids"]
+                chunk = arr.chunks[0]
+                for c in np.unique(hit // chunk):
+                    a, b = int(c * chunk), int(min((c + 1) * chunk, len(index.ids)))
+                    block = index.ids[a:b].copy()
+                    block[np.isin(block, ids)] = PURGED_ID
+                    arr[a:b] = block
+        self._index = None
+        self._status = None
+        self._arrays = {}
+        return {"steps_purged": int(steps.size), "sample_ids_erased": erased}
 
     # ------------------------------------------------------------ footprint
     def footprint(self) -> Footprint:

@@ -1,0 +1,143 @@
+"""Audit ledger, idempotent unlearning, and purging forgotten updates from disk."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import unlearn
+from conftest import make_tiny, train
+from updatestore import STATUS_PURGED, ReadOnlyStoreError, UpdateStore
+from updatestore.ledger import hash_ids, weights_fingerprint
+
+
+def _ids(s):  # IDs recur every 4 steps; ID 100 + s is unique to step s
+    return np.r_[np.arange(6) + 6 * (s % 4), 100 + s]
+
+
+def _params(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+@pytest.fixture
+def trained(store_path):
+    model = make_tiny(d_in=300, hidden=400)  # fc1.weight rows are one inner chunk each
+    store = UpdateStore.create(store_path, model, keep=0.5, value_dtype="float32")
+    oracle, all_ids = train(store, model, steps=16, ids_fn=_ids)
+    return store, model, oracle, all_ids
+
+
+def _expected(model, oracle, steps, keep=0.5):
+    out = _params(model)
+    for s in steps:
+        for name, d in oracle[s].items():
+            flat = d.flatten()
+            k = int(np.ceil(round(keep * flat.numel(), 9)))
+            kept = torch.zeros_like(flat)
+            idx = flat.abs().topk(k).indices
+            kept[idx] = flat[idx]
+            out[name] -= kept.view_as(d)
+    return out
+
+
+def test_ledger_entry_records_the_request(trained):
+    store, model, _, _ = trained
+    before = weights_fingerprint(model)
+    report = unlearn.amnesiac(model, store, [2, 103])
+    (entry,) = store.ledger()
+    assert report.ledger_entry == 0 and report.purged
+    assert entry["method"] == "partial amnesiac" and entry["purged"] is True
+    assert entry["steps"] == [0, 3, 4, 8, 12] == report.steps_hit.tolist()
+    assert entry["model_before"] == before and entry["model_after"] == weights_fingerprint(model)
+    assert entry["sample_id_sha256"] == hash_ids([2, 103]) and "time" in entry
+
+
+def test_overlapping_requests_never_subtract_a_step_twice(trained):
+    store, model, oracle, _ = trained
+    expected = _expected(model, oracle, sorted({0, 4, 8, 12} | {0, 1, 4, 5, 8, 9, 12, 13}))
+    unlearn.amnesiac(model, store, [0])  # steps 0, 4, 8, 12
+    second = unlearn.amnesiac(model, store, [7, 2])  # steps 1,5,9,13 and 0,4,8,12, which were done
+    assert second.steps_hit.tolist() == [1, 5, 9, 13] and second.steps_already_subtracted == 4
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("purge", [True, False])
+def test_forgetting_again_changes_nothing_and_says_so(trained, purge):
+    store, model, _, _ = trained
+    unlearn.amnesiac(model, store, [1, 2], purge=purge)
+    after = _params(model)
+    again = unlearn.amnesiac(model, store, [1, 2], purge=purge)
+    assert not again.applied and len(again.steps_hit) == 0
+    if purge:  # the IDs are gone from the index, the ledger remembers them
+        assert again.already_forgotten.tolist() == [1, 2] and "already forgotten" in str(again)
+    else:
+        assert again.steps_already_subtracted == 4 and "not subtracted again" in str(again)
+    assert len(store.ledger()) == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), after[n])
+
+
+def test_fresh_copy_after_purge_is_warned(trained):
+    store, model, _, _ = trained
+    original = copy.deepcopy(model)
+    unlearn.amnesiac(model, store, [104])  # step 4 only
+    with pytest.warns(UserWarning, match="purged after unlearning another copy"):
+        report = unlearn.amnesiac(original, store, [3])  # steps 0, 4, 8, 12; step 4 is gone
+    assert report.steps_unavailable == 1 and report.steps_hit.tolist() == [0, 8, 12]
+
+
+def _inner_chunks(store_path, name, block):
+    """Raw bytes of every inner chunk in a layer's values shards (sharding index at the end)."""
+    blobs = {}
+    for f in sorted((store_path / "layers" / name / "values" / "c").rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        index = np.frombuffer(data[-(16 * block + 4):-4], dtype="<u8").reshape(block, 2)
+        shard = int(f.parent.name) if f.parent.name.isdigit() else int(f.name)
+        for r, (off, nbytes) in enumerate(index):
+            if off != np.iinfo(np.uint64).max:
+                blobs[shard * block + r] = data[int(off):int(off + nbytes)]
+    return blobs
+
+
+def test_purge_erases_chunk_bytes_and_ids_and_keeps_the_rest(trained, store_path):
+    store, model, _, _ = trained
+    block = store.meta["block_steps"]
+    spec = next(s for s in store.layers if s.name == "fc1.weight")
+    assert spec.chunk_rows == 1
+    before_blobs = _inner_chunks(store_path, "fc1.weight", block)
+    before_rows = {s.name: store.read_rows(s.name, 0, 16) for s in store.layers}
+    before_bytes = store.footprint().total_bytes
+    report = unlearn.amnesiac(model, store, [2, 103])
+    purged = set(report.steps_hit.tolist())
+    # the purged rows' compressed bytes are in no file of the store any more
+    everything = b"".join(p.read_bytes() for p in store_path.rglob("*") if p.is_file())
+    for step, blob in before_blobs.items():
+        assert (blob in everything) == (step not in purged), step
+    # every other step's data is bit-identical; purged rows read as zeros
+    for s in store.layers:
+        v, p = store.read_rows(s.name, 0, 16)
+        for step in range(16):
+            if step in purged:
+                assert not v[step].any()
+            else:
+                assert torch.equal(v[step], before_rows[s.name][0][step])
+                assert torch.equal(p[step], before_rows[s.name][1][step])
+    assert store.footprint().total_bytes < before_bytes
+    assert (store.step_status()[sorted(purged)] == STATUS_PURGED).all()
+    ids_on_disk = zarr.open_group(store_path, mode="r")["samples/ids"][:]
+    assert not np.isin(ids_on_disk, [2, 103]).any() and np.isin([0, 1, 100], ids_on_disk).all()
+
+
+def test_read_only_store_refuses_to_unlearn_without_opt_out(trained, store_path):
+    store, model, _, _ = trained
+    store.close()
+    ro = UpdateStore.open(store_path)
+    with pytest.raises(ReadOnlyStoreError, match="pass ledger=False, purge=False"):
+        unlearn.amnesiac(model, ro, [1])
+    report = unlearn.amnesiac(model, ro, [1], ledger=False, purge=False)
+    assert report.applied and not report.purged and ro.ledger() == []

@@ -1,0 +1,66 @@
+"""The audit ledger: one entry per unlearning, stored in the store itself (JSON attributes).
+
+Sample IDs are kept only as SHA-256 digests, so purging a request's IDs from the
+sample index also removes them in clear from disk. (A digest of a small integer
+can be reversed by enumerating the ID space; it keeps IDs out of plain sight, no more.)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger", "now"]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's name, dtype, shape and bytes (the model's exact state).
+
+    >>> len(weights_fingerprint(torch.nn.Linear(2, 2)))
+    64
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def hash_ids(ids: Iterable[int]) -> list[str]:
+    """Short SHA-256 digests of sample IDs, as the ledger stores them."""
+    return [hashlib.sha256(f"updatestore-id:{int(i)}".encode()).hexdigest()[:32] for i in ids]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def subtracted_in_lineage(entries: list[dict[str, Any]], fingerprint: str) -> set[int]:
+    """Steps already subtracted from the model whose weights hash to ``fingerprint``.
+
+    Follows the chain of ledger entries whose ``model_after`` is the current
+    model, then their ``model_before``, and so on. A model the ledger never saw
+    (a fresh copy of the trained weights) has had nothing subtracted.
+    """
+    after = {e.get("model_after"): e for e in entries if e.get("steps")}
+    steps: set[int] = set()
+    seen: set[str] = set()
+    fp = fingerprint
+    while fp in after and fp not in seen:
+        seen.add(fp)
+        entry = after[fp]
+        steps.update(int(s) for s in entry["steps"])
+        fp = entry.get("model_before")
+    return steps
+
+
+def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
+    """Mask over ``ids``: which appear in some ledger entry."""
+    known = {h for e in entries for h in e.get("sample_id_sha256", [])}
+    return np.array([h in known for h in hash_ids(ids)], dtype=bool)
