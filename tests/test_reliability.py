@@ -132,3 +132,24 @@ def test_sigkill_at_random_points_leaves_committed_steps_intact(tmp_path):
                                   text=True, timeout=120)
             assert done.returncode == 0, done.stderr
             assert _check_store(path, n + 40) == n + 40
+
+
+def test_reader_sees_only_committed_steps(store_path, tiny):
+    opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
+    store = UpdateStore.create(store_path, tiny)
+    with store.recorder(tiny, opt) as rec:
+        def step(i):
+            with rec.batch([i]):
+                opt.zero_grad(); tiny(torch.randn(2, 12)).sum().backward(); opt.step()
+
+        for i in range(5):
+            step(i)
+        store.flush()
+        reader = UpdateStore.open(store_path)
+        assert reader.num_batches == 5
+        for i in range(5, 9):
+            step(i)
+        assert reader.num_batches == 5  # buffered, not committed
+        assert reader.batches_containing([7]).size == 0
+        store.flush()
+        assert reader.num_batches == 9 and reader.batches_containing([7]).tolist() == [7]
