@@ -3,8 +3,10 @@ that used the samples to forget (Graves et al. 2021; Gogineni & Nadimi 2024)."""
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,13 +19,19 @@ from updatestore import (
     ReadOnlyStoreError,
     UpdateStore,
 )
+from updatestore.config import resolve_keep
+from updatestore.errors import ConfigError
 from updatestore.layout import PURGED_ID
+from updatestore.pruning import kept_count
 from updatestore.ledger import hash_ids, ids_in_ledger, now, subtracted_in_lineage, weights_fingerprint
 from updatestore.index import as_sample_ids
 
 from .report import UnlearnReport
 
-__all__ = ["amnesiac", "pick_device"]
+__all__ = ["amnesiac", "pick_device", "AUTO_CANDIDATES"]
+
+#: Ratios ``keep="auto"`` tries (each clipped to what the store recorded).
+AUTO_CANDIDATES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
 
 
 def pick_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -42,13 +50,21 @@ def _blocks(steps: np.ndarray, block: int) -> list[np.ndarray]:
 
 
 def _accumulate(store: UpdateStore, pairs: list, steps: np.ndarray, device: torch.device,
-                block: int, progress: bool = False) -> list[torch.Tensor]:
-    """Per layer, Σ over ``steps`` of the stored rows, scatter-added on ``device`` (float32).
+                block: int, progress: bool = False,
+                ks: list[list[int]] | None = None) -> list[list[torch.Tensor]]:
+    """Σ over ``steps`` of the stored rows per layer, scatter-added on ``device`` (float32).
+
+    ``ks`` lists candidates, each a per-layer count k' ≤ k: a candidate sums only
+    the k' largest-|value| entries of each stored row. All candidates come from
+    one pass over the rows: each row is sorted by magnitude once and the nested
+    prefixes are added. Returns one list of per-layer sums per candidate.
 
     Steps are read in blocks of at most ``block``, every layer of a block in one
     concurrent fetch, so memory is bounded by one block, not by the steps hit.
     """
-    accs = [torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs]
+    if ks is None:
+        ks = [[spec.k for spec, _ in pairs]]
+    accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs] for _ in ks]
     names = [spec.name for spec, _ in pairs]
     chunks = _blocks(steps, block)
     if progress:
@@ -57,14 +73,88 @@ def _accumulate(store: UpdateStore, pairs: list, steps: np.ndarray, device: torc
         chunks = tqdm(chunks, desc="unlearning", unit="block", leave=False)
     for chunk in chunks:
         rows = store.read_steps_many(names, chunk)
-        for acc, name in zip(accs, names):
-            values, positions = rows.pop(name)
+        for li, (spec, _) in enumerate(pairs):
+            values, positions = rows.pop(spec.name)
             values = values.to(device, non_blocking=True)
-            if positions is None:
-                acc += values.sum(0)
-            else:
-                acc.index_add_(0, positions.to(device, non_blocking=True).reshape(-1), values.reshape(-1))
+            if positions is not None:
+                positions = positions.to(device, non_blocking=True)
+            order = None
+            if any(k[li] < spec.k for k in ks):
+                # Stored rows are the top-k of the true update, so the top-k' of a row
+                # is exactly the top-k' of the true update (k' ≤ k).
+                order = torch.argsort(values.abs(), dim=1, descending=True)
+            for cand, k in zip(accs, ks):
+                acc, kk = cand[li], k[li]
+                if kk >= spec.k:
+                    if positions is None:
+                        acc += values.sum(0)
+                    else:
+                        acc.index_add_(0, positions.reshape(-1), values.reshape(-1))
+                    continue
+                sel = order[:, :kk]
+                pos = sel if positions is None else positions.gather(1, sel)
+                acc.index_add_(0, pos.reshape(-1), values.gather(1, sel).reshape(-1))
     return accs
+
+
+def _counts_for(store: UpdateStore, pairs: list, keep: Any, clip: bool = False) -> list[int]:
+    """Per-layer k' for a deletion-time keep (None: as recorded)."""
+    if keep is None:
+        return [spec.k for spec, _ in pairs]
+    ratios = resolve_keep(keep, [spec.name for spec, _ in pairs])
+    out = []
+    for spec, _ in pairs:
+        k = kept_count(ratios[spec.name], spec.numel)
+        if k > spec.k and not clip:
+            raise ConfigError(
+                f"keep {ratios[spec.name]} for layer {spec.name!r} asks for {k} entries per step, but store "
+                f"{store.path} recorded only {spec.k} (keep {spec.keep}); choose keep ≤ {spec.keep}"
+            )
+        out.append(min(k, spec.k))
+    return out
+
+
+def _new_values(store: UpdateStore, pairs: list, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """θ − Δ per layer, in the parameter's dtype and device, refused if not finite."""
+    out = []
+    for (spec, p), delta in zip(pairs, deltas):
+        new = p.detach() - delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
+        if not torch.isfinite(new).all():
+            raise NonFiniteUpdateError(
+                f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
+                "nothing was applied (check the store with `updatestore info`)"
+            )
+        out.append(new)
+    return out
+
+
+def _choose(model: torch.nn.Module, pairs: list, news: list[list[torch.Tensor]], ratios: list[float],
+            forget: Any, validation: Any, target: float | None) -> tuple[int, list[dict[str, Any]]]:
+    """Evaluate each candidate on a scratch copy of the model; return the pick and the table."""
+    from .loops import accuracy
+
+    scratch = copy.deepcopy(model)
+    params = dict(scratch.named_parameters())
+    forget_classes = torch.unique(torch.as_tensor([int(forget[i][1]) for i in range(len(forget))]))
+    same = [i for i in range(len(validation)) if int(validation[i][1]) in set(forget_classes.tolist())]
+    held_out = torch.utils.data.Subset(validation, same)
+    table = []
+    with torch.no_grad():
+        for ratio, new in zip(ratios, news):
+            for (spec, _), value in zip(pairs, new):
+                params[spec.name].copy_(value)
+            f_acc = accuracy(scratch, forget)
+            v_acc = accuracy(scratch, validation)
+            goal = target if target is not None else (accuracy(scratch, held_out) if same else 0.0)
+            table.append({"keep": ratio, "forget_accuracy": f_acc, "validation_accuracy": v_acc,
+                          "target": goal, "meets_target": f_acc <= goal})
+    meeting = [i for i, row in enumerate(table) if row["meets_target"]]
+    if meeting:
+        pick = max(meeting, key=lambda i: (table[i]["validation_accuracy"], -table[i]["keep"]))
+    else:
+        pick = min(range(len(table)), key=lambda i: (table[i]["forget_accuracy"], -table[i]["validation_accuracy"]))
+    table[pick]["chosen"] = True
+    return pick, table
 
 
 def _copy_param(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -93,7 +183,9 @@ def _safe_apply(pairs: list, new_values: list[torch.Tensor | None]) -> None:
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
              device: str | torch.device | None = None, dry_run: bool = False,
              block_steps: int = 16, progress: bool = False, ledger: bool = True,
-             purge: bool = True) -> UnlearnReport:
+             purge: bool = True, keep: float | Mapping[str, float] | str | None = None,
+             forget: Any = None, validation: Any = None, target: float | None = None,
+             candidates: Sequence[float] = AUTO_CANDIDATES) -> UnlearnReport:
     """Forget ``sample_ids`` by subtracting the stored updates of every step that used them.
 
     θ' = θ − Σ_{steps b containing the samples} Δθ_b, with Δθ_b as stored (all
@@ -109,6 +201,17 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     ``ledger=True`` appends an entry to the store's audit ledger; ``purge=True``
     then erases the subtracted steps' rows and the forgotten IDs from disk
     (:meth:`UpdateStore.purge`). Both need the store opened ``"r+"``.
+
+    ``keep`` chooses the pruning at deletion time: subtract only the top-k' of
+    each stored row (k' = ceil(keep × numel) ≤ the recorded k; a float or a
+    ``{pattern: ratio}`` mapping). Because each stored row is the top-k of the
+    true update, its top-k' is exactly the top-k' of the true update.
+    ``keep="auto"`` tries every ratio in ``candidates`` (clipped to what was
+    recorded) from one pass over the rows, and picks the one that brings the
+    accuracy on ``forget`` (a Dataset of the forgotten samples) to at most
+    ``target`` — by default the candidate's own accuracy on the ``validation``
+    samples of the same classes — with the best accuracy on ``validation``;
+    ``report.candidates`` lists every candidate's figures.
 
     >>> report = unlearn.amnesiac(model, store, [3, 17, 42], dry_run=True)  # doctest: +SKIP
     >>> print(report)                                                       # doctest: +SKIP
@@ -144,17 +247,24 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
     read0 = store.bytes_read
     applied = purged = False
     entry = None
+    auto = isinstance(keep, str)
+    if auto and keep != "auto":
+        raise ConfigError(f"keep must be a ratio, a {{pattern: ratio}} mapping, None or 'auto'; got {keep!r}")
+    if auto and (forget is None or validation is None):
+        raise ConfigError("keep='auto' needs forget= (the forgotten samples' Dataset) and validation= (a Dataset)")
+    ratios = sorted(set(candidates), reverse=True) if auto else [keep]
+    ks = [_counts_for(store, pairs, r, clip=auto) for r in ratios]
+    chosen_counts = ks[0]
+    table: list[dict[str, Any]] = []
     if not dry_run and hit.size:
-        new_values = []
-        for (spec, p), delta in zip(pairs, _accumulate(store, pairs, hit, dev, block_steps, progress)):
-            delta = delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
-            new = p.detach() - delta  # in the parameter's dtype and device
-            if not torch.isfinite(new).all():
-                raise NonFiniteUpdateError(
-                    f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
-                    "nothing was applied (check the store with `updatestore info`)"
-                )
-            new_values.append(new)
+        sums = _accumulate(store, pairs, hit, dev, block_steps, progress, ks)
+        news = [_new_values(store, pairs, deltas) for deltas in sums]
+        pick = 0
+        if auto:
+            pick, table = _choose(model, pairs, news, ratios, forget, validation, target)
+        chosen_counts = ks[pick]
+        new_values = news[pick]
+        del news, sums
         _safe_apply(pairs, new_values)
         applied = True
     method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
@@ -162,7 +272,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
         entry = store.log_unlearning({
             "time": now(), "method": method, "sample_id_sha256": hash_ids(ids[found]),
             "steps": hit.tolist(), "model_before": fingerprint, "model_after": weights_fingerprint(model),
-            "purged": False,
+            "kept_per_step": {spec.name: k for (spec, _), k in zip(pairs, chosen_counts)}, "purged": False,
         })
     if not dry_run and purge and found.any():
         # Steps subtracted now or earlier from this model, whose rows are still on disk.
@@ -191,4 +301,6 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
         already_forgotten=ids[forgotten_before],
         purged=purged,
         ledger_entry=entry,
+        candidates=table,
+        kept={spec.name: k for (spec, _), k in zip(pairs, chosen_counts)},
     )

@@ -37,6 +37,10 @@ class UnlearnReport:
     already_forgotten: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     purged: bool = False
     ledger_entry: int | None = None
+    #: keep="auto": every candidate's keep, forget/validation accuracy, target, and the choice.
+    candidates: list[dict] = field(default_factory=list)
+    #: entries subtracted per step for each layer (k', ≤ the recorded k)
+    kept: dict[str, int] = field(default_factory=dict)
 
     @property
     def share(self) -> float:
@@ -64,6 +68,8 @@ class UnlearnReport:
             "already_forgotten": self.already_forgotten.tolist(),
             "purged": self.purged,
             "ledger_entry": self.ledger_entry,
+            "candidates": self.candidates,
+            "kept": self.kept,
         }
 
     def __str__(self) -> str:
@@ -86,6 +92,9 @@ class UnlearnReport:
         if len(self.unknown):
             shown = ", ".join(map(str, self.unknown[:10].tolist())) + (" ..." if len(self.unknown) > 10 else "")
             lines.append(f"unknown sample IDs (never recorded): {shown}")
+        for c in self.candidates:
+            lines.append(f"  keep {c['keep']:<6} forget acc {c['forget_accuracy']:.3f} (target {c['target']:.3f}) "
+                         f"validation acc {c['validation_accuracy']:.3f}" + ("  <- chosen" if c.get("chosen") else ""))
         lines.append(f"read {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.3f} s on {self.device}")
         if self.ledger_entry is not None:
             lines.append(f"audit ledger entry {self.ledger_entry}" + ("; rows and IDs purged from disk"
