@@ -109,3 +109,69 @@ def test_auto_needs_data(store_path):
         train(store, model, steps=2)
         with pytest.raises(ConfigError, match="keep='auto' needs forget="):
             unlearn.amnesiac(model, store, [0], keep="auto")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from updatestore import OwnerBatchSampler  # noqa: E402
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=300), st.integers(1, 40), st.integers(0, 1000))
+@settings(max_examples=120, deadline=None)
+def test_owner_sampler_yields_each_sample_once_and_packs_owners(owners, batch_size, seed):
+    sampler = OwnerBatchSampler(owners, batch_size, seed=seed)
+    owners = np.asarray(owners)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected_len = len(sampler)  # __len__ describes the epoch about to run
+        batches = list(sampler)
+        assert len(batches) == expected_len
+        flat = np.concatenate([np.asarray(b) for b in batches])
+        assert sorted(flat.tolist()) == list(range(len(owners)))  # every sample exactly once
+        assert all(1 <= len(b) <= batch_size for b in batches)
+        for o in np.unique(owners):
+            n = int((owners == o).sum())
+            hit = sum(1 for b in batches if (owners[np.asarray(b)] == o).any())
+            assert hit == -(-n // batch_size)  # as few batches as the owner's size allows
+
+
+def test_owner_sampler_shuffles_across_epochs():
+    owners = np.repeat(np.arange(50), 5)
+    s = OwnerBatchSampler(owners, 20, seed=0)
+    first, second = list(s), list(s)
+    assert first != second
+
+
+def test_owner_queries_equal_brute_force(store_path):
+    model = make_tiny()
+    rng = np.random.default_rng(0)
+    sample_owner = {i: int(rng.integers(0, 12)) for i in range(40)}
+    with UpdateStore.create(store_path, model) as store:
+        train(store, model, steps=10, ids_fn=_ids)
+        store.index_owners(list(sample_owner), list(sample_owner.values()))
+        for owner in range(12):
+            mine = [i for i, o in sample_owner.items() if o == owner]
+            assert store.samples_of([owner]).tolist() == sorted(mine)
+            brute = sorted({s for s in range(10) if np.isin(_ids(s), mine).any()})
+            assert store.batches_containing(owners=[owner]).tolist() == brute
+
+
+def test_amnesiac_by_owner_equals_by_ids(store_path, tmp_path):
+    import copy
+    import shutil
+
+    model = make_tiny()
+    with UpdateStore.create(store_path, model, keep=0.3, value_dtype="float32") as store:
+        train(store, model, steps=10, ids_fn=_ids)
+        store.index_owners(np.arange(40), np.arange(40) // 4)
+    shutil.copytree(store_path, tmp_path / "copy.zarr")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    with UpdateStore.open(store_path, "r+") as store:
+        ra = unlearn.amnesiac(a, store, owners=[2])
+        assert store.samples_of([2]).size == 0  # purged from the owner table too
+    with UpdateStore.open(tmp_path / "copy.zarr", "r+") as store:
+        rb = unlearn.amnesiac(b, store, [8, 9, 10, 11])
+    assert ra.steps_hit.tolist() == rb.steps_hit.tolist() and ra.found == 4
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q)

@@ -180,13 +180,16 @@ def _safe_apply(pairs: list, new_values: list[torch.Tensor | None]) -> None:
             raise
 
 
-def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
+def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None, *, owners: Any = None,
              device: str | torch.device | None = None, dry_run: bool = False,
              block_steps: int = 16, progress: bool = False, ledger: bool = True,
              purge: bool = True, keep: float | Mapping[str, float] | str | None = None,
              forget: Any = None, validation: Any = None, target: float | None = None,
              candidates: Sequence[float] = AUTO_CANDIDATES) -> UnlearnReport:
     """Forget ``sample_ids`` by subtracting the stored updates of every step that used them.
+
+    ``owners=[...]`` adds every sample the store indexed under those owner keys
+    (:meth:`UpdateStore.index_owners`).
 
     θ' = θ − Σ_{steps b containing the samples} Δθ_b, with Δθ_b as stored (all
     of it at keep = 1, the layer-wise top-k otherwise). Rows are read in blocks
@@ -224,7 +227,11 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, *,
             f"unlearning records an audit entry in store {store.path} and purges the forgotten rows: open it "
             "with UpdateStore.open(path, 'r+'), or pass ledger=False, purge=False"
         )
-    ids = np.unique(as_sample_ids(sample_ids))
+    if sample_ids is None and owners is None:
+        raise ConfigError("give the sample IDs to forget, or owners=[...] whose samples to forget")
+    ids = np.unique(as_sample_ids([] if sample_ids is None else sample_ids))
+    if owners is not None:  # every sample indexed under these owners (user, document, source)
+        ids = np.union1d(ids, store.samples_of(owners))
     entries = store.ledger()
     found = store.contains(ids) if ids.size else np.zeros(0, dtype=bool)
     forgotten_before = ~found & ids_in_ledger(entries, ids) if ids.size else np.zeros(0, dtype=bool)

@@ -33,6 +33,7 @@ from .layout import (  # noqa: E402
     LayerSpec,
 )
 from .recorder import Recorder  # noqa: E402
+from .sampler import OwnerBatchSampler  # noqa: E402
 from .store import UpdateStore  # noqa: E402
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "STATUS_PURGED",
     "UpdateStore",
     "Recorder",
+    "OwnerBatchSampler",
     "StoreConfig",
     "LayerSpec",
     "Footprint",

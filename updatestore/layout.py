@@ -221,6 +221,11 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     arr = samples.create_array("ids", shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
                                compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
     digests["samples/ids"] = array_digest(arr)
+    owners = root.create_group("owners")
+    for name in ("sample_ids", "keys"):
+        arr = owners.create_array(name, shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
+                                  compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+        digests[f"owners/{name}"] = array_digest(arr)
     layers = root.create_group("layers")
     for s in specs:
         g = layers.create_group(s.name, attributes={"updatestore": s.to_json()})
@@ -243,6 +248,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     meta = dict(meta, arrays=digests)
     root.update_attributes({FORMAT_NAME: meta, META_CHECK: _sha256_json(meta)})  # one write
     write_counts(root, 0, 0)
+    write_owner_count(root, 0)
 
 
 def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprint: str,
@@ -258,6 +264,18 @@ def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprin
         "model_fingerprint": fingerprint,
         "layers": [s.to_json() for s in specs],
     }
+
+
+def read_owner_count(root: zarr.Group, where: str) -> int:
+    attrs = dict(root["owners"].attrs)
+    n = attrs.get("count")
+    if not isinstance(n, int) or n < 0 or attrs.get("check") != zlib.crc32(f"owners:{n}".encode()):
+        raise NotAStoreError(f"{where}: invalid owner index record {attrs!r}")
+    return n
+
+
+def write_owner_count(root: zarr.Group, n: int) -> None:
+    root["owners"].update_attributes({"count": n, "check": zlib.crc32(f"owners:{n}".encode())})
 
 
 def read_ledger(root: zarr.Group, where: str) -> list[dict[str, Any]]:
@@ -318,7 +336,7 @@ def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerS
 def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], num_steps: int,
                 num_samples: int, where: str) -> dict[str, zarr.Array]:
     """Every array of the store, each checked against the metadata it was created with."""
-    wanted = ["steps/status", "steps/sample_end", "samples/ids"]
+    wanted = ["steps/status", "steps/sample_end", "samples/ids", "owners/sample_ids", "owners/keys"]
     for s in specs:
         wanted.append(f"{s.path}/values")
         if s.positions != "dense":
@@ -336,7 +354,7 @@ def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], 
                 f"{where}: array {path!r} does not match the metadata it was created with "
                 "(its zarr.json was changed or damaged)"
             )
-        need = num_samples if path == "samples/ids" else num_steps
+        need = num_samples if path == "samples/ids" else 0 if path.startswith("owners/") else num_steps
         if arr.shape[0] < need:
             raise NotAStoreError(f"{where}: array {path!r} holds {arr.shape[0]} rows but {need} are committed")
         out[path] = arr

@@ -27,6 +27,7 @@ from .errors import (
     NotAStoreError,
     ReadOnlyStoreError,
     RecorderError,
+    SampleIdError,
     StoreExistsError,
     StoreNotFoundError,
     UpdateStoreError,
@@ -47,7 +48,9 @@ from .layout import (
     read_counts,
     read_ledger,
     read_meta,
+    read_owner_count,
     write_ledger,
+    write_owner_count,
 )
 from .recorder import Recorder
 from .writer import BlockWriter, StepRecord
@@ -142,6 +145,7 @@ class UpdateStore:
         self._index: SampleIndex | None = None
         self._status: np.ndarray | None = None
         self._arrays: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
+        self._owner_table: tuple[np.ndarray, np.ndarray] | None = None
         self._closed = False
         self._lock: WriterLock | None = None
         if mode == "r+":
@@ -383,13 +387,65 @@ class UpdateStore:
             self._status = status
         return self._index
 
-    def batches_containing(self, ids: Any) -> np.ndarray:
-        """Sorted, unique steps whose batch held any of ``ids``.
+    def batches_containing(self, ids: Any = None, *, owners: Any = None) -> np.ndarray:
+        """Sorted, unique steps whose batch held any of ``ids`` or any sample of ``owners``.
 
         >>> store.batches_containing([3, 17, 42])      # doctest: +SKIP
         array([  0,  12,  57, 130])
+        >>> store.batches_containing(owners=[7001])    # doctest: +SKIP
         """
-        return self._get_index().batches_containing(ids)
+        return self._get_index().batches_containing(self._with_owners(ids, owners))
+
+    def _with_owners(self, ids: Any, owners: Any) -> np.ndarray:
+        out = as_sample_ids([] if ids is None else ids)
+        if owners is not None:
+            out = np.union1d(out, self.samples_of(owners))
+        return out
+
+    # ------------------------------------------------------------ owners
+    def index_owners(self, sample_ids: Any, owners: Any) -> None:
+        """Record which owner (user, document, source: an int64 key) each sample belongs to.
+
+        Appends to the store's owner table; ``batches_containing(owners=...)`` and
+        ``unlearn.amnesiac(..., owners=...)`` then find an owner's samples.
+
+        >>> store.index_owners(train_ids, user_of_sample)   # doctest: +SKIP
+        """
+        self._require_writable("index owners")
+        ids = as_sample_ids(sample_ids)
+        keys = as_sample_ids(owners, what="owner keys")
+        if len(ids) != len(keys):
+            raise SampleIdError(f"index_owners needs one owner per sample: got {len(ids)} IDs and {len(keys)} owners")
+        n = read_owner_count(self._root, self._where)
+        for name, values in (("sample_ids", ids), ("keys", keys)):
+            arr = self._root[f"owners/{name}"]
+            if arr.shape[0] < n + len(ids):
+                arr.resize((n + len(ids),))
+            arr[n:n + len(ids)] = values
+        write_owner_count(self._root, n + len(ids))  # the commit point
+        self._owner_table = None
+
+    def _owners(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._owner_table is None:
+            n = read_owner_count(self._root, self._where)
+            try:
+                sids = self._root["owners/sample_ids"][:n] if n else np.zeros(0, np.int64)
+                keys = self._root["owners/keys"][:n] if n else np.zeros(0, np.int64)
+            except Exception as exc:
+                raise CorruptStoreError(f"store {self._where}: the owner table cannot be read: {exc}") from exc
+            order = np.argsort(keys, kind="stable")
+            self._owner_table = (keys[order], sids[order])
+        return self._owner_table
+
+    def samples_of(self, owners: Any) -> np.ndarray:
+        """Sorted, unique sample IDs indexed under any of ``owners``."""
+        keys, sids = self._owners()
+        q = np.unique(as_sample_ids(owners, what="owner keys"))
+        lo, hi = np.searchsorted(keys, q, "left"), np.searchsorted(keys, q, "right")
+        if not (hi > lo).any():
+            return np.zeros(0, dtype=np.int64)
+        found = np.concatenate([sids[a:b] for a, b in zip(lo, hi) if b > a])
+        return np.unique(found[found != PURGED_ID])
 
     def contains(self, ids: Any) -> np.ndarray:
         """Boolean mask over ``ids``: which were indexed in any step."""
@@ -581,9 +637,19 @@ class UpdateStore:
                     block = index.ids[a:b].copy()
                     block[np.isin(block, ids)] = PURGED_ID
                     arr[a:b] = block
+            # ... and in the owner table
+            n_own = read_owner_count(self._root, self._where)
+            if n_own:
+                arr = self._root["owners/sample_ids"]
+                own = arr[:n_own]
+                mask = np.isin(own, ids)
+                if mask.any():
+                    own[mask] = PURGED_ID
+                    arr[:n_own] = own
         self._index = None
         self._status = None
         self._arrays = {}
+        self._owner_table = None
         return {"steps_purged": int(steps.size), "sample_ids_erased": erased}
 
     # ------------------------------------------------------------ footprint
