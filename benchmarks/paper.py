@@ -32,7 +32,8 @@ from updatestore import UpdateStore
 
 from ._common import RESULTS, machine, md_table, write_results
 
-METRICS = ("test_accuracy", "retain_accuracy", "forget_accuracy", "mia_auc", "distance", "bytes", "seconds")
+METRICS = ("test_accuracy", "retain_accuracy", "forget_accuracy", "mia_auc", "distance", "bytes", "seconds",
+           "chosen_keep")
 
 
 def _subset(ds: TensorDataset, idx: np.ndarray) -> TensorDataset:
@@ -118,6 +119,17 @@ def run_seed(data: Split, kind: str, seed: int, keeps: list[float], epochs: int,
         t0 = time.perf_counter()
         unlearn.finetune(m, retain, epochs=1, lr=0.01, seed=seed)
         judge(label + " + fine-tune", m, secs + time.perf_counter() - t0, nbytes)
+    # keep chosen at deletion time, automatically, from the full (keep 1.0) store. The
+    # validation set is every other test sample (so "test acc" of this row is slightly optimistic).
+    validation = Subset(data.test, list(range(0, len(data.test), 2)))
+    for label, target in (("amnesiac keep auto", None), ("amnesiac keep auto, target = retrained", target)):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        rep = unlearn.amnesiac(m, stores["full"], forget_ids, keep="auto", forget=forget, validation=validation,
+                               target=target, ledger=False, purge=False)
+        chosen = next(c["keep"] for c in rep.candidates if c.get("chosen"))
+        judge(label, m, time.perf_counter() - t0, stores["full"].footprint().total_bytes)
+        rows[label]["chosen_keep"] = chosen
     for label, partial in (("label flip naive", None), ("label flip partial 5%", 0.05)):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
@@ -135,6 +147,8 @@ def run_seed(data: Split, kind: str, seed: int, keeps: list[float], epochs: int,
 
 
 def _fmt(vals: list[float], metric: str) -> str:
+    if metric == "chosen_keep":
+        return ", ".join(str(v) for v in vals) if vals else ""
     mean, std = float(np.mean(vals)), float(np.std(vals))
     if metric == "bytes":
         return f"{mean / 2**20:.2f} MiB" if mean else ""
@@ -200,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, per in results.items():
         md.append(f"\n## {titles[kind]}\n\n")
         md.append(md_table(["method", "test acc", "retain acc", "forget acc", "MIA AUC (forget)",
-                            "distance to retrained", "stored", "seconds"],
-                           [[name] + [_fmt(per[name][m], m) for m in METRICS] for name in per]))
+                            "distance to retrained", "stored", "seconds", "keep chosen"],
+                           [[name] + [_fmt(per[name].get(m, []), m) for m in METRICS] for name in per]))
     md.append("\n![paper](paper.png)\n")
     text = "".join(md)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,20 @@ def test_idx_reader(tmp_path):
     with pytest.raises(DataFormatError, match="has no t10k"):
         (tmp_path / "t10k-images-idx3-ubyte").unlink()
         load_idx_dir(tmp_path)
+
+
+def test_partial_auto_picks_among_candidates(digits, trained):
+    import copy
+
+    model = copy.deepcopy(trained)
+    forget, retain = forget_split(digits.train, cls=3)
+    report = unlearn.label_flip(model, forget, partial="auto", epochs=2, lr=0.05, validation=digits.test,
+                                target=0.3, candidates=(1.0, 0.1, 0.01))
+    assert [c["keep"] for c in report.candidates] == [1.0, 0.1, 0.01]
+    chosen = [c for c in report.candidates if c.get("chosen")]
+    assert len(chosen) == 1 and unlearn.accuracy(model, forget) == pytest.approx(chosen[0]["forget_accuracy"])
+    meeting = [c for c in report.candidates if c["meets_target"]]
+    if meeting:
+        assert chosen[0]["validation_accuracy"] == max(c["validation_accuracy"] for c in meeting)
+    with pytest.raises(ConfigError, match="partial='auto' needs validation="):
+        unlearn.gradient_ascent(model, forget, partial="auto")

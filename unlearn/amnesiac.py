@@ -131,30 +131,17 @@ def _new_values(store: UpdateStore, pairs: list, deltas: list[torch.Tensor]) -> 
 def _choose(model: torch.nn.Module, pairs: list, news: list[list[torch.Tensor]], ratios: list[float],
             forget: Any, validation: Any, target: float | None) -> tuple[int, list[dict[str, Any]]]:
     """Evaluate each candidate on a scratch copy of the model; return the pick and the table."""
-    from .loops import accuracy
+    from .choice import evaluate_candidate, pick
 
     scratch = copy.deepcopy(model)
     params = dict(scratch.named_parameters())
-    forget_classes = torch.unique(torch.as_tensor([int(forget[i][1]) for i in range(len(forget))]))
-    same = [i for i in range(len(validation)) if int(validation[i][1]) in set(forget_classes.tolist())]
-    held_out = torch.utils.data.Subset(validation, same)
     table = []
     with torch.no_grad():
         for ratio, new in zip(ratios, news):
             for (spec, _), value in zip(pairs, new):
                 params[spec.name].copy_(value)
-            f_acc = accuracy(scratch, forget)
-            v_acc = accuracy(scratch, validation)
-            goal = target if target is not None else (accuracy(scratch, held_out) if same else 0.0)
-            table.append({"keep": ratio, "forget_accuracy": f_acc, "validation_accuracy": v_acc,
-                          "target": goal, "meets_target": f_acc <= goal})
-    meeting = [i for i, row in enumerate(table) if row["meets_target"]]
-    if meeting:
-        pick = max(meeting, key=lambda i: (table[i]["validation_accuracy"], -table[i]["keep"]))
-    else:
-        pick = min(range(len(table)), key=lambda i: (table[i]["forget_accuracy"], -table[i]["validation_accuracy"]))
-    table[pick]["chosen"] = True
-    return pick, table
+            table.append(evaluate_candidate(scratch, ratio, forget, validation, target))
+    return pick(table), table
 
 
 def _copy_param(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ __all__ = ["LoopReport", "label_flip", "gradient_ascent", "finetune", "as_loader
 
 @dataclass
 class LoopReport:
-    """What a loop-based unlearning call did."""
+    """What a loop-based unlearning call did (``candidates``: the ``partial="auto"`` table)."""
 
     method: str
     steps: int
@@ -33,6 +33,7 @@ class LoopReport:
     stopped_by: str
     forget_accuracy: float | None = None
     partial: float | None = None
+    candidates: list = field(default_factory=list)
 
     def __str__(self) -> str:
         acc = "" if self.forget_accuracy is None else f", forget accuracy {self.forget_accuracy:.3f}"
@@ -99,13 +100,48 @@ def _step(model, opt, loss, mask) -> None:
     opt.step()
 
 
-def label_flip(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | None = None,
+#: Partial-update ratios ``partial="auto"`` tries.
+AUTO_PARTIAL = (1.0, 0.2, 0.1, 0.05, 0.01)
+
+
+def _auto(run, model: torch.nn.Module, candidates, forget, validation, target) -> LoopReport:
+    """Run ``run(copy, ratio)`` per candidate ratio; keep the pick (see unlearn.choice)."""
+    import copy
+
+    from .choice import evaluate_candidate, pick
+
+    if forget is None or validation is None:
+        raise ConfigError("partial='auto' needs validation= (a Dataset) besides the forget set")
+    t0 = time.perf_counter()
+    runs, table = [], []
+    for ratio in candidates:
+        m = copy.deepcopy(model)
+        rep = run(m, None if ratio >= 1.0 else ratio)
+        runs.append((m, rep))
+        table.append(evaluate_candidate(m, ratio, forget, validation, target))
+    best = pick(table)
+    m, rep = runs[best]
+    model.load_state_dict(m.state_dict())
+    rep.candidates, rep.seconds = table, time.perf_counter() - t0
+    return rep
+
+
+def label_flip(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | str | None = None,
                epochs: int = 5, lr: float = 0.01, batch_size: int = 32, num_classes: int | None = None,
-               select: str = "mmax", layers: Any = None, seed: int = 0) -> LoopReport:
+               select: str = "mmax", layers: Any = None, seed: int = 0, validation: Dataset | None = None,
+               target: float | None = None, candidates=AUTO_PARTIAL) -> LoopReport:
     """Fine-tune on the forget samples with random wrong labels (Graves et al.'s baseline).
+
+    ``partial="auto"`` tries each ratio in ``candidates`` on a copy and keeps the one
+    that brings forget accuracy to ``target`` (default: the held-out accuracy of the
+    same classes in ``validation``) with the best ``validation`` accuracy.
 
     >>> unlearn.label_flip(model, forget_set, partial=0.05, epochs=3)  # doctest: +SKIP
     """
+    if partial == "auto":
+        return _auto(lambda m, r: label_flip(m, forget, partial=r, epochs=epochs, lr=lr, batch_size=batch_size,
+                                             num_classes=num_classes, select=select, layers=layers, seed=seed),
+                     model, candidates, forget, validation, target)
     t0 = time.perf_counter()
     dev = _device(model)
     mask = _mask(model, partial, select, layers, seed)
@@ -125,16 +161,23 @@ def label_flip(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial:
                       accuracy(model, forget), partial)
 
 
-def gradient_ascent(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | None = None,
+def gradient_ascent(model: torch.nn.Module, forget: Dataset | DataLoader, *, partial: float | str | None = None,
                     retain: Dataset | DataLoader | None = None, retain_weight: float = 1.0,
                     lr: float = 0.01, max_steps: int = 100, target_accuracy: float | None = None,
                     eval_every: int = 5, batch_size: int = 32, select: str = "mmax", layers: Any = None,
-                    seed: int = 0) -> LoopReport:
+                    seed: int = 0, validation: Dataset | None = None, target: float | None = None,
+                    candidates=AUTO_PARTIAL) -> LoopReport:
     """Raise the loss on the forget samples (minus ``retain_weight`` × the retain loss).
 
     Stops when forget-set accuracy is at or below ``target_accuracy`` (checked
-    every ``eval_every`` steps) or after ``max_steps``.
+    every ``eval_every`` steps) or after ``max_steps``. ``partial="auto"``: as
+    in :func:`label_flip`.
     """
+    if partial == "auto":
+        return _auto(lambda m, r: gradient_ascent(
+            m, forget, partial=r, retain=retain, retain_weight=retain_weight, lr=lr, max_steps=max_steps,
+            target_accuracy=target_accuracy, eval_every=eval_every, batch_size=batch_size, select=select,
+            layers=layers, seed=seed), model, candidates, forget, validation, target)
     if max_steps < 1:
         raise ConfigError(f"max_steps must be ≥ 1, got {max_steps}")
     t0 = time.perf_counter()
