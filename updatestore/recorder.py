@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .encoding import encode_positions_torch, values_to_numpy
 from .errors import RecorderError
@@ -37,20 +38,42 @@ class Recorder:
     ``optimizer.step()``; wrap each step's forward/backward/step in
     ``rec.batch(ids)``. Without one, call ``rec.step(ids)`` after each update.
 
+    With torch.distributed (DistributedDataParallel: Δθ is the same on every
+    rank), rank 0 prunes and writes, and every rank's batch IDs are gathered
+    into the step: on rank 0 use ``store.recorder(model, opt)``, on the others
+    ``Recorder(None, model, opt)``.
+
     >>> with store.recorder(model, optimizer) as rec:          # doctest: +SKIP
     ...     for x, y, ids in loader:
     ...         with rec.batch(ids):
     ...             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
     """
 
-    def __init__(self, store: "UpdateStore", model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None = None, *, watch: Any = None) -> None:
-        store._require_writable("record")
-        self._params = store._match_model(model)
+    def __init__(self, store: "UpdateStore | None", model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None, *, watch: Any = None,
+                 process_group: Any = None) -> None:
+        self._group = process_group
+        self._world, self._rank = 1, 0
+        if process_group is not None or (dist.is_available() and dist.is_initialized()):
+            self._world = dist.get_world_size(process_group)
+            self._rank = dist.get_rank(process_group)
+        if self._world > 1 and (store is None) != (self._rank != 0):
+            raise RecorderError(
+                f"with torch.distributed, rank 0 records into the store and every other rank passes store=None "
+                f"(Recorder(None, model, optimizer)); this is rank {self._rank} "
+                f"{'without' if store is None else 'with'} a store"
+            )
+        if store is None and self._world == 1:
+            raise RecorderError("a recorder needs a store (store=None is for ranks > 0 of a distributed run)")
+        if store is not None:
+            store._require_writable("record")
+            self._params = store._match_model(model)
+        else:
+            self._params = []
         self._store = store
         self._optimizer = optimizer
         self._watch = None if watch is None else np.unique(as_sample_ids(watch, what="watch"))
-        self._value_dtype = store.value_dtype
+        self._value_dtype = store.value_dtype if store is not None else "float32"
         self._handles: list[Any] = []
         self._before: list[torch.Tensor] | None = None
         self._pending: list[np.ndarray] = []
@@ -77,9 +100,10 @@ class Recorder:
                 opt.register_step_post_hook(self._post_step),
             ]
             _ATTACHED.add(opt)
-        self._store._open_writer(self)
+        if self._store is not None:
+            self._store._open_writer(self)
         self._attached = True
-        if opt is None:
+        if opt is None and self._store is not None:
             self._snapshot()
         return self
 
@@ -93,7 +117,8 @@ class Recorder:
         if self._optimizer is not None:
             _ATTACHED.discard(self._optimizer)
         self._attached = False
-        self._store._close_writer(self)
+        if self._store is not None:
+            self._store._close_writer(self)
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -128,7 +153,12 @@ class Recorder:
         finally:
             self._in_batch = False
         if self._steps_in_batch == 0 and not accumulate:
-            self._emit(StepRecord(STATUS_SKIPPED, self._take_ids()))
+            ids = self._take_ids()
+            if self._world > 1:
+                ids = self._gather(ids)
+                if self._store is None:
+                    return
+            self._emit(StepRecord(STATUS_SKIPPED, ids))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._in_batch:
@@ -138,7 +168,8 @@ class Recorder:
             )
         if self._steps_in_batch:
             raise RecorderError("optimizer.step() was called twice inside one rec.batch(...) block")
-        if self._wanted(self._pending):
+        # With several ranks the watch decision needs every rank's IDs: snapshot always.
+        if self._store is not None and (self._world > 1 or self._wanted(self._pending)):
             self._snapshot()
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -153,7 +184,8 @@ class Recorder:
             raise RecorderError("this recorder hooks the optimizer; use `with rec.batch(ids):` instead of rec.step")
         self._pending.append(as_sample_ids(ids))
         self._record_step()
-        self._snapshot()
+        if self._store is not None:
+            self._snapshot()
 
     # ------------------------------------------------------------ internals
     def _require_attached(self) -> None:
@@ -182,10 +214,29 @@ class Recorder:
                 buf.copy_(p.detach())
         self._snap_valid = True
 
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
+        """Every rank's IDs of this step, in rank order (two tensor all-gathers, no pickle)."""
+        dev = (torch.device("cuda", torch.cuda.current_device())
+               if dist.get_backend(self._group) == "nccl" else torch.device("cpu"))
+        n = torch.tensor([len(ids)], dtype=torch.int64, device=dev)
+        sizes = [torch.zeros_like(n) for _ in range(self._world)]
+        dist.all_gather(sizes, n, group=self._group)
+        width = int(max(int(s) for s in sizes))
+        buf = torch.zeros(width, dtype=torch.int64, device=dev)
+        buf[: len(ids)] = torch.from_numpy(ids).to(dev)
+        parts = [torch.zeros_like(buf) for _ in range(self._world)]
+        dist.all_gather(parts, buf, group=self._group)
+        return np.concatenate([p[: int(s)].cpu().numpy() for p, s in zip(parts, sizes)])
+
     @torch.no_grad()
     def _record_step(self) -> None:
-        wanted = self._wanted(self._pending)
         ids = self._take_ids()
+        if self._world > 1:
+            ids = self._gather(ids)
+            if self._store is None:  # ranks > 0: the IDs are all they contribute
+                self.steps_recorded += 1
+                return
+        wanted = self._wanted([ids])
         if not wanted:
             self._emit(StepRecord(STATUS_NOT_STORED, ids))
             return

@@ -290,13 +290,13 @@ class UpdateStore:
 
     # ------------------------------------------------------------ recording
     def recorder(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 watch: Any = None) -> Recorder:
+                 watch: Any = None, process_group: Any = None) -> Recorder:
         """A recorder for ``model``; with ``optimizer`` it hooks ``optimizer.step()``.
 
         ``watch``: store updates only for steps that contain one of these sample
         IDs (every step's samples are indexed regardless).
         """
-        return Recorder(self, model, optimizer, watch=watch)
+        return Recorder(self, model, optimizer, watch=watch, process_group=process_group)
 
     def _require_writable(self, what: str) -> None:
         if self._mode != "r+":

@@ -1,0 +1,87 @@
+"""DistributedDataParallel recording: 2 CPU processes (gloo) against single-process recording."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+import unlearn
+from updatestore import UpdateStore
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from updatestore import Recorder, UpdateStore
+
+    rank, world, init, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    store = UpdateStore.create(path, model, keep=0.3, value_dtype="float32") if rank == 0 else None
+    rec = store.recorder(model, opt) if store is not None else Recorder(None, model, opt)
+    with rec:
+        for step in range(8):
+            x = torch.randn(8, 12, generator=g); y = torch.randint(0, 3, (8,), generator=g)
+            ids = torch.arange(step * 8, step * 8 + 8) * 3
+            mine = slice(rank * 4, rank * 4 + 4)  # each rank takes half of the global batch
+            with rec.batch(ids[mine]):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
+                opt.step()
+    if store is not None:
+        store.close()
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_store_equals_single_process_on_the_union(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "ddp.zarr")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+
+    # the same run in one process, on the union of the ranks' batches
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    single = UpdateStore.create(tmp_path / "single.zarr", model, keep=0.3, value_dtype="float32")
+    with single.recorder(model, opt) as rec:
+        for step in range(8):
+            x = torch.randn(8, 12, generator=g)
+            y = torch.randint(0, 3, (8,), generator=g)
+            with rec.batch(torch.arange(step * 8, step * 8 + 8) * 3):
+                opt.zero_grad()
+                # DDP averages the two ranks' mean losses' gradients: the mean over the union
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    ddp = UpdateStore.open(tmp_path / "ddp.zarr")
+    assert ddp.num_batches == single.num_batches == 8
+    for s in range(8):
+        assert ddp.samples_in(s).tolist() == single.samples_in(s).tolist()  # rank 0's IDs, then rank 1's
+    for spec in single.layers:
+        v1, p1 = single.read_rows(spec.name, 0, 8)
+        v2, p2 = ddp.read_rows(spec.name, 0, 8)
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-7)
+        assert (p1 == p2).float().mean() > 0.99  # positions agree up to near-ties from all-reduce rounding
+
+    # unlearning from the DDP store matches unlearning from the single-process one
+    a = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+    a.load_state_dict(model.state_dict())
+    b = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+    b.load_state_dict(model.state_dict())
+    forget = np.array([9, 60])
+    unlearn.amnesiac(a, single, forget, ledger=False, purge=False)
+    unlearn.amnesiac(b, ddp, forget, ledger=False, purge=False)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
