@@ -85,3 +85,15 @@ def test_ddp_store_equals_single_process_on_the_union(tmp_path):
     unlearn.amnesiac(b, ddp, forget, ledger=False, purge=False)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_ddp_example_runs_under_torchrun(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "ddp_digits.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(example), str(tmp_path / "ddp.zarr")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steps recorded" in done.stdout and "subtracted" in done.stdout
+    store = UpdateStore.open(tmp_path / "ddp.zarr")
+    assert store.num_samples == 3 * 1347 + 3  # DistributedSampler pads to an even split: 1348 per epoch

@@ -15,7 +15,7 @@ import torch
 import zarr
 import zarr.errors
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, MemoryStore, WrapperStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore, ZipStore
 
 from . import __version__
 from .config import StoreConfig, resolve_keep
@@ -34,7 +34,7 @@ from .errors import (
 )
 from .footprint import Footprint
 from .index import SampleIndex, as_sample_ids
-from .lock import WriterLock
+from .lock import LOCK_NAME, WriterLock
 from .layout import (
     PURGED_ID,
     STATUS_PURGED,
@@ -87,10 +87,28 @@ class _CountingStore(WrapperStore):
         return bufs
 
 
-def _to_store(path: PathLike, *, read_only: bool) -> tuple[zarr.abc.store.Store, str]:
+def _to_store(path: PathLike, *, read_only: bool,
+              storage_options: dict[str, Any] | None = None) -> tuple[zarr.abc.store.Store, str]:
+    """A Zarr store for a local path, a ``.zip`` file (read-only), a URL, or a Store as is."""
     if isinstance(path, zarr.abc.store.Store):
         return path, repr(path)
-    p = Path(os.fspath(path))
+    text = os.fspath(path)
+    if "://" in str(text) and not str(text).startswith("file://"):
+        try:
+            store = FsspecStore.from_url(str(text), storage_options=storage_options, read_only=read_only)
+        except ImportError as exc:
+            raise ConfigError(f"{text}: this URL needs fsspec and its backend ({exc}); e.g. pip install s3fs") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{text} is not a URL zarr can open: {exc}") from None
+        return store, str(text)
+    p = Path(str(text).removeprefix("file://"))
+    if p.suffix == ".zip":
+        if not read_only:
+            raise ConfigError(f"{p}: zip stores are read-only here (a zip cannot replace the commit record in "
+                              "place); record into a directory and zip it when it is finished")
+        if not p.is_file():
+            raise StoreNotFoundError(f"no update store at {p}: the file does not exist")
+        return ZipStore(p, mode="r"), str(p)
     return LocalStore(p, read_only=read_only), str(p)
 
 
@@ -164,8 +182,12 @@ class UpdateStore:
     @classmethod
     def create(cls, path: PathLike, model: torch.nn.Module, *, keep: float | Mapping[str, float] = 0.1,
                value_dtype: str = "bfloat16", positions: str = "auto", buffer_bytes: int = 64 * 2**20,
-               clevel: int = 5, overwrite: bool = False) -> "UpdateStore":
+               clevel: int = 5, overwrite: bool = False,
+               storage_options: dict[str, Any] | None = None) -> "UpdateStore":
         """A new, empty store for ``model``'s trainable parameters, opened ``"r+"``.
+
+        ``path``: a directory, a URL (``s3://...`` with ``storage_options``) or a
+        Zarr ``Store``; see :meth:`open`.
 
         ``keep`` is the fraction of each layer's entries kept per step (largest
         |Δθ|), or ``{pattern: fraction}`` with ``"*"`` as the default. See
@@ -179,7 +201,7 @@ class UpdateStore:
         named = [(n, tuple(p.shape), _dtype_name(p.dtype)) for n, p in params]
         ratios = resolve_keep(config.keep, [n for n, *_ in named])
         specs, block = plan_layers(named, ratios, config)
-        store, where = _to_store(path, read_only=False)
+        store, where = _to_store(path, read_only=False, storage_options=storage_options)
         if isinstance(store, LocalStore) and store.root.exists():
             if not overwrite and (store.root.is_file() or any(store.root.iterdir())):
                 raise StoreExistsError(
@@ -201,11 +223,17 @@ class UpdateStore:
         return cls(root, where, "r+")
 
     @classmethod
-    def open(cls, path: PathLike, mode: str = "r") -> "UpdateStore":
-        """Open an existing store: ``"r"`` to read and unlearn, ``"r+"`` to append."""
+    def open(cls, path: PathLike, mode: str = "r", *,
+             storage_options: dict[str, Any] | None = None) -> "UpdateStore":
+        """Open an existing store: ``"r"`` to read and unlearn, ``"r+"`` to append.
+
+        ``path`` is a directory, a ``.zip`` of one (read-only), any URL zarr's
+        fsspec store opens (``s3://bucket/run.zarr``, ``memory://run``, with
+        ``storage_options`` for credentials and endpoints), or a Zarr ``Store``.
+        """
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
-        store, where = _to_store(path, read_only=mode == "r")
+        store, where = _to_store(path, read_only=mode == "r", storage_options=storage_options)
         if isinstance(store, LocalStore):
             if not store.root.exists():
                 raise StoreNotFoundError(
@@ -662,6 +690,8 @@ class UpdateStore:
 
         layer_bytes = {s.name: size(f"{s.path}/") for s in self._specs}
         total = size("")
+        if sync(store.exists(LOCK_NAME)):  # the writer lock is not part of the data
+            total -= int(sync(store.getsize(LOCK_NAME)))
         index_bytes = size("steps/") + size("samples/")
         stored = int((self.step_status() == STATUS_RECORDED).sum())
         numel = sum(s.numel for s in self._specs)
