@@ -69,6 +69,23 @@ def run(mode: str, seed: int, epochs: int, batch: int, tmp: Path) -> dict:
     return out
 
 
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ["shuffled", "owner-packed"]
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4))
+    for ax, key, label in ((axes[0], "steps_hit_mean", "steps hit per owner deletion"),
+                           (axes[1], "test_accuracy", "test accuracy")):
+        vals = [[r[key] for r in rows if r["mode"] == m] for m in modes]
+        ax.bar(modes, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], color=["tab:gray", "tab:green"])
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, fewer epochs (≤ 2 minutes on 2 CPU cores)")
@@ -102,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
           + md_table(["batching", "steps", "steps hit per owner deletion", "share of steps", "test accuracy"], table)
           + f"\nOwner packing: **{fewer:.1f}× fewer steps hit** per owner deletion; test accuracy "
           f"**{100 * change:+.2f} points** (packed − shuffled).\n")
+    md += "\n![batching](batching.png)\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    _plot(rows, args.out / "batching.png")
     print(md)
     write_results("batching", {"machine": machine(), "quick": args.quick, "rows": rows,
                                "fewer_steps_factor": fewer, "accuracy_change_points": 100 * change}, md, args.out)

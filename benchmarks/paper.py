@@ -4,9 +4,10 @@ Rows: original, retrain from scratch (the gold standard), full amnesiac, partial
 amnesiac at several keep ratios (with and without one epoch of fine-tuning),
 label flipping and gradient ascent, each naive and with layer-wise partial updates.
 Columns: test / retain / forget accuracy, membership-inference AUC on the forget set,
-distance to the retrained model, bytes stored, seconds. Two scenarios: (a) a random
-1 % of the training samples; (b) class removal — the training set holds only ~100
-samples of one class, all forgotten. Mean ± std over seeds.
+distance to the retrained model, bytes stored, seconds. Scenarios: (a) a random 1 % of
+the training samples; (b) class removal — the training set holds only ~100 samples of
+one class, all forgotten; (c) forgetting three owners, with shuffled vs owner-packed
+batches (deletion-aware batching). Mean ± std over seeds.
 
 Run: ``python -m benchmarks.paper [--quick] [--data-dir DIR]``
 """
@@ -33,7 +34,7 @@ from updatestore import UpdateStore
 from ._common import RESULTS, machine, md_table, write_results
 
 METRICS = ("test_accuracy", "retain_accuracy", "forget_accuracy", "mia_auc", "distance", "bytes", "seconds",
-           "chosen_keep")
+           "chosen_keep", "steps_hit_share")
 
 
 def _subset(ds: TensorDataset, idx: np.ndarray) -> TensorDataset:
@@ -146,7 +147,83 @@ def run_seed(data: Split, kind: str, seed: int, keeps: list[float], epochs: int,
     return rows
 
 
+def run_owner_seed(data: Split, seed: int, keeps: list[float], epochs: int, tmp: Path) -> dict[str, dict]:
+    """Scenario (c): forget three owners (synthetic, 5–20 samples each), trained with plain
+    shuffled batches and with owner-packed batches (``OwnerBatchSampler``), batch 64."""
+    from updatestore import OwnerBatchSampler
+
+    from .batching import synthetic_owners
+
+    rng = np.random.default_rng(seed)
+    train = data.train
+    ids = train.tensors[2].numpy()
+    owners = synthetic_owners(len(ids), rng)
+    gone = rng.choice(np.unique(owners), size=3, replace=False)
+    forget_pos = np.flatnonzero(np.isin(owners, gone))
+    forget = Subset(train, forget_pos.tolist())
+    retain = Subset(train, np.setdiff1d(np.arange(len(ids)), forget_pos).tolist())
+    in_hw = data.input_shape[-1]
+    rows: dict[str, dict] = {}
+
+    def fresh():
+        torch.manual_seed(seed)
+        return DigitsCNN(num_classes=data.num_classes, in_hw=in_hw)
+
+    def judge(name, m, seconds, nbytes=0, steps_hit=None, steps_total=None):
+        ev = unlearn.evaluate(m, forget=forget, retain=retain, test=data.test, seed=seed)
+        rows[name] = {"test_accuracy": ev["test_accuracy"], "retain_accuracy": ev["retain_accuracy"],
+                      "forget_accuracy": ev["forget_accuracy"], "mia_auc": ev["mia_auc"],
+                      "distance": unlearn.param_distance(m, retrained), "bytes": nbytes, "seconds": seconds}
+        if steps_hit is not None:
+            rows[name]["steps_hit_share"] = steps_hit / steps_total
+
+    t0 = time.perf_counter()
+    retrained = fresh()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(retrained.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for x, y, _ids in torch.utils.data.DataLoader(retain, batch_size=64, shuffle=True, generator=g):
+            opt.zero_grad()
+            F.cross_entropy(retrained(x), y).backward()
+            opt.step()
+    judge("retrain from scratch", retrained, time.perf_counter() - t0)
+    for batching in ("shuffled", "owner-packed"):
+        model = fresh()
+        if batching == "owner-packed":
+            loader = torch.utils.data.DataLoader(train, batch_sampler=OwnerBatchSampler(owners, 64, seed=seed))
+        else:
+            loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(seed))
+        specs = [("full", 1.0, "float32")] + [(f"k{k}", k, "bfloat16") for k in keeps]
+        stores = {n: UpdateStore.create(tmp / f"owner-{seed}-{batching}-{n}.zarr", model, keep=k, value_dtype=dt)
+                  for n, k, dt in specs}
+        for st in stores.values():
+            st.index_owners(ids, owners)
+        recs = [st.recorder(model).attach() for st in stores.values()]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(epochs):
+            for x, y, sid in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                for r in recs:
+                    r.step(sid)
+        for r in recs:
+            r.detach()
+        judge(f"original, {batching} batches", model, 0.0)
+        for (name, keep, _), st in zip(specs, stores.values()):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            rep = unlearn.amnesiac(m, st, owners=gone.tolist(), ledger=False, purge=False)
+            label = ("full amnesiac" if keep == 1.0 else f"partial amnesiac keep {keep}") + f", {batching} batches"
+            judge(label, m, time.perf_counter() - t0, st.footprint().total_bytes, len(rep.steps_hit), st.num_batches)
+            st.close()
+    return rows
+
+
 def _fmt(vals: list[float], metric: str) -> str:
+    if not vals:
+        return ""
     if metric == "chosen_keep":
         return ", ".join(str(v) for v in vals) if vals else ""
     mean, std = float(np.mean(vals)), float(np.std(vals))
@@ -154,6 +231,8 @@ def _fmt(vals: list[float], metric: str) -> str:
         return f"{mean / 2**20:.2f} MiB" if mean else ""
     if metric == "seconds":
         return f"{mean:.2f}"
+    if metric == "steps_hit_share":
+        return f"{mean:.1%}"
     return f"{mean:.3f} ± {std:.3f}" if len(vals) > 1 else f"{mean:.3f}"
 
 
@@ -194,27 +273,35 @@ def main(argv: list[str] | None = None) -> int:
     epochs = 5 if args.quick else 10
     results: dict[str, dict[str, dict[str, list]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-paper-") as tmp:
-        for kind in ("random1pct", "class_removal"):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=3 * seeds, desc="paper", unit="run", disable=not sys.stderr.isatty())
+        for kind in ("random1pct", "class_removal", "owners"):
             per: dict[str, dict[str, list]] = {}
             for seed in range(seeds):
+                bar.update()
                 t0 = time.perf_counter()
-                rows = run_seed(data, kind, seed, keeps, epochs, Path(tmp))
+                rows = (run_owner_seed(data, seed, [0.05], epochs, Path(tmp)) if kind == "owners"
+                        else run_seed(data, kind, seed, keeps, epochs, Path(tmp)))
                 print(f"{kind} seed {seed}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
                 for name, r in rows.items():
                     for metric, v in r.items():
                         per.setdefault(name, {}).setdefault(metric, []).append(v)
             results[kind] = per
+        bar.close()
     src = str(args.data_dir) if args.data_dir else "bundled digits (scikit-learn)"
     cmd = "python -m benchmarks.paper" + (" --quick" if args.quick else "")
     md = [f"# Paper comparison ({'quick' if args.quick else 'full'} run)\n\nCommand: `{cmd}`; data: {src}; "
           f"{seeds} seed(s), mean ± std; DigitsCNN, SGD lr 0.05 momentum 0.9, batch 32, {epochs} epochs; "
           f"machine: {machine()}\n"]
     titles = {"random1pct": "(a) forget a random 1 % of the training samples",
-              "class_removal": "(b) class removal: ~100 samples of one class in training, all forgotten"}
+              "class_removal": "(b) class removal: ~100 samples of one class in training, all forgotten",
+              "owners": "(c) forget three owners (synthetic, 5–20 samples each), batch 64: shuffled vs "
+                        "owner-packed batches"}
     for kind, per in results.items():
         md.append(f"\n## {titles[kind]}\n\n")
         md.append(md_table(["method", "test acc", "retain acc", "forget acc", "MIA AUC (forget)",
-                            "distance to retrained", "stored", "seconds", "keep chosen"],
+                            "distance to retrained", "stored", "seconds", "keep chosen", "steps hit"],
                            [[name] + [_fmt(per[name].get(m, []), m) for m in METRICS] for name in per]))
     md.append("\n![paper](paper.png)\n")
     text = "".join(md)

@@ -57,8 +57,13 @@ def run_model(name: str, model: torch.nn.Module, data, *, epochs: int, batch_siz
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     steps, t0 = 0, time.perf_counter()
+    from tqdm.auto import tqdm
+
+    total = min(epochs * len(loader), max_steps or epochs * len(loader))
+    bar = tqdm(total=total, desc=name, unit="step", leave=False, disable=not sys.stderr.isatty())
     for _ in range(epochs):
         for x, y, ids in loader:
+            bar.update()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -68,6 +73,7 @@ def run_model(name: str, model: torch.nn.Module, data, *, epochs: int, batch_siz
             steps += 1
             if max_steps and steps >= max_steps:
                 break
+    bar.close()
     for r in recs:
         r.detach()
     full_bytes = full.nbytes()

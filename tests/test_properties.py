@@ -98,6 +98,12 @@ def test_index_equals_brute_force(case):
         assert index.samples_in(s).tolist() == ids
     chosen = np.array(brute, dtype=np.int64)
     assert index.samples_in_steps(chosen).tolist() == [i for s in brute for i in steps[s]]
+    # built incrementally: a sorted prefix (as persisted in the store) plus the tail
+    for n0 in {0, len(steps) // 2, len(steps)}:
+        prefix = SampleIndex(flat[: int(ends[n0 - 1]) if n0 else 0], ends[:n0])
+        grown = SampleIndex(flat, ends, presorted=(prefix.sorted_ids, prefix.sorted_steps, n0))
+        assert grown.batches_containing(query).tolist() == brute
+        assert np.array_equal(grown.sorted_ids, index.sorted_ids)
 
 
 def test_bitmap_decode_rejects_unbalanced_rows():

@@ -182,3 +182,19 @@ def test_footprint_against_full_log(store_path):
     assert fp.total_bytes >= sum(fp.layer_bytes.values()) + fp.index_bytes
     assert 0 < fp.ratio < 0.2
     assert "full amnesiac log" in str(fp) and "fc1.weight" in str(fp)
+
+
+def test_sorted_index_is_persisted_and_extended(store_path):
+    import zarr
+
+    model = make_tiny()
+    with UpdateStore.create(store_path, model) as store:
+        train(store, model, steps=10, ids_fn=lambda s: [s, 1000 + s])
+    record = dict(zarr.open_group(store_path, mode="r")["index"].attrs)
+    assert record["steps"] == 10 and record["samples"] == 20
+    with UpdateStore.open(store_path, "r+") as store:  # a small tail is merged, not persisted again
+        train(store, model, steps=2, seed=3, ids_fn=lambda s: [50 + s])
+        assert store.batches_containing([51, 3]).tolist() == [3, 11]
+    assert dict(zarr.open_group(store_path, mode="r")["index"].attrs)["steps"] == 10
+    with UpdateStore.open(store_path) as again:
+        assert again.batches_containing([51, 1003, 7]).tolist() == [3, 7, 11]

@@ -60,14 +60,28 @@ class SampleIndex:
     ([0, 1], [1])
     """
 
-    def __init__(self, ids: np.ndarray, ends: np.ndarray) -> None:
+    def __init__(self, ids: np.ndarray, ends: np.ndarray,
+                 presorted: tuple[np.ndarray, np.ndarray, int] | None = None) -> None:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.ends = np.asarray(ends, dtype=np.int64)
         counts = np.diff(self.ends, prepend=0)
-        step_of = np.repeat(np.arange(len(self.ends), dtype=np.int64), counts)
-        order = np.argsort(self.ids, kind="stable")
-        self.sorted_ids = self.ids[order]
-        self.sorted_steps = step_of[order]
+        n0 = 0
+        base_ids = base_steps = np.zeros(0, dtype=np.int64)
+        if presorted is not None:  # (sorted_ids, sorted_steps) of the first n0 steps
+            base_ids, base_steps, n0 = presorted
+        m0 = int(self.ends[n0 - 1]) if n0 else 0
+        if len(base_ids) != m0:
+            raise ValueError(f"presorted index covers {len(base_ids)} samples, steps 0..{n0 - 1} hold {m0}")
+        # Only the tail (steps the presorted part does not cover) is sorted, then merged in.
+        tail_steps = np.repeat(np.arange(n0, len(self.ends), dtype=np.int64), counts[n0:])
+        order = np.argsort(self.ids[m0:], kind="stable")
+        tail_ids, tail_steps = self.ids[m0:][order], tail_steps[order]
+        if m0 == 0:
+            self.sorted_ids, self.sorted_steps = tail_ids, tail_steps
+        else:
+            at = np.searchsorted(base_ids, tail_ids, side="right")
+            self.sorted_ids = np.insert(base_ids, at, tail_ids)
+            self.sorted_steps = np.insert(base_steps, at, tail_steps)
 
     @property
     def num_steps(self) -> int:

@@ -221,6 +221,11 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     arr = samples.create_array("ids", shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
                                compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
     digests["samples/ids"] = array_digest(arr)
+    index = root.create_group("index")
+    for name in ("sorted_ids", "sorted_steps"):
+        arr = index.create_array(name, shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK * 4,),
+                                 compressors=_compressors(config.clevel, "shuffle"), fill_value=0)
+        digests[f"index/{name}"] = array_digest(arr)
     owners = root.create_group("owners")
     for name in ("sample_ids", "keys"):
         arr = owners.create_array(name, shape=(0,), dtype="int64", chunks=(VECTOR_CHUNK,),
@@ -249,6 +254,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     root.update_attributes({FORMAT_NAME: meta, META_CHECK: _sha256_json(meta)})  # one write
     write_counts(root, 0, 0)
     write_owner_count(root, 0)
+    write_index_record(root, 0, 0)
 
 
 def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprint: str,
@@ -264,6 +270,22 @@ def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprin
         "model_fingerprint": fingerprint,
         "layers": [s.to_json() for s in specs],
     }
+
+
+def read_index_record(root: zarr.Group) -> tuple[int, int] | None:
+    """``(steps, samples)`` the persisted sorted index covers, or None if it is unusable."""
+    try:
+        attrs = dict(root["index"].attrs)
+    except Exception:  # noqa: BLE001 - a damaged cache is ignored (rebuilt from the sample IDs)
+        return None
+    n, m = attrs.get("steps"), attrs.get("samples")
+    if not isinstance(n, int) or not isinstance(m, int) or attrs.get("check") != zlib.crc32(f"index:{n}:{m}".encode()):
+        return None
+    return n, m
+
+
+def write_index_record(root: zarr.Group, n: int, m: int) -> None:
+    root["index"].update_attributes({"steps": n, "samples": m, "check": zlib.crc32(f"index:{n}:{m}".encode())})
 
 
 def read_owner_count(root: zarr.Group, where: str) -> int:
@@ -336,7 +358,8 @@ def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerS
 def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], num_steps: int,
                 num_samples: int, where: str) -> dict[str, zarr.Array]:
     """Every array of the store, each checked against the metadata it was created with."""
-    wanted = ["steps/status", "steps/sample_end", "samples/ids", "owners/sample_ids", "owners/keys"]
+    wanted = ["steps/status", "steps/sample_end", "samples/ids", "owners/sample_ids", "owners/keys",
+              "index/sorted_ids", "index/sorted_steps"]
     for s in specs:
         wanted.append(f"{s.path}/values")
         if s.positions != "dense":
@@ -354,7 +377,8 @@ def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], 
                 f"{where}: array {path!r} does not match the metadata it was created with "
                 "(its zarr.json was changed or damaged)"
             )
-        need = num_samples if path == "samples/ids" else 0 if path.startswith("owners/") else num_steps
+        need = (num_samples if path == "samples/ids" else
+                0 if path.startswith(("owners/", "index/")) else num_steps)
         if arr.shape[0] < need:
             raise NotAStoreError(f"{where}: array {path!r} holds {arr.shape[0]} rows but {need} are committed")
         out[path] = arr

@@ -46,9 +46,11 @@ from .layout import (
     open_arrays,
     plan_layers,
     read_counts,
+    read_index_record,
     read_ledger,
     read_meta,
     read_owner_count,
+    write_index_record,
     write_ledger,
     write_owner_count,
 )
@@ -382,6 +384,7 @@ class UpdateStore:
                 writer.close()
             finally:
                 self._steps, self._samples = writer.committed_steps, writer.committed_samples
+            self._persist_index()
 
     def _writer_put(self, record: StepRecord) -> None:
         if self._writer is None:
@@ -411,9 +414,40 @@ class UpdateStore:
                 raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
             if (status > STATUS_PURGED).any():
                 raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
-            self._index = SampleIndex(ids, ends)
+            self._index = SampleIndex(ids, ends, presorted=self._presorted(n, ends))
             self._status = status
         return self._index
+
+    def _presorted(self, n: int, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """The sorted index already built for the first steps: this handle's own, else the
+        one persisted in the store; only the steps after it need sorting."""
+        if self._index is not None and self._index.num_steps <= n:
+            return self._index.sorted_ids, self._index.sorted_steps, self._index.num_steps
+        record = read_index_record(self._root)
+        if record is None or record[0] == 0 or record[0] > n or record[1] != int(ends[record[0] - 1]):
+            return None
+        try:
+            m0 = record[1]
+            return self._root["index/sorted_ids"][:m0], self._root["index/sorted_steps"][:m0], record[0]
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the sample IDs, the source of truth
+            return None
+
+    def _persist_index(self, force: bool = False) -> None:
+        """Write the sorted index for the next open, when the part it lacks has grown
+        past a quarter of it (amortised O(samples), not a rewrite per recording)."""
+        if self._mode != "r+" or self._steps == 0:
+            return
+        record = read_index_record(self._root) or (0, 0)
+        if not force and self._samples - record[1] <= record[1] // 4:
+            return
+        index = self._get_index()
+        m = len(index.sorted_ids)
+        for name, values in (("sorted_ids", index.sorted_ids), ("sorted_steps", index.sorted_steps)):
+            arr = self._root[f"index/{name}"]
+            if arr.shape[0] < m:
+                arr.resize((m,))
+            arr[:m] = values
+        write_index_record(self._root, index.num_steps, m)
 
     def batches_containing(self, ids: Any = None, *, owners: Any = None) -> np.ndarray:
         """Sorted, unique steps whose batch held any of ``ids`` or any sample of ``owners``.
@@ -678,6 +712,9 @@ class UpdateStore:
         self._status = None
         self._arrays = {}
         self._owner_table = None
+        if erased:  # the persisted sorted index held the erased IDs too
+            write_index_record(self._root, 0, 0)
+            self._persist_index(force=True)
         return {"steps_purged": int(steps.size), "sample_ids_erased": erased}
 
     # ------------------------------------------------------------ footprint
