@@ -55,9 +55,13 @@ def scenario(data: Split, kind: str, seed: int) -> tuple[TensorDataset, np.ndarr
     return train, np.flatnonzero(train.tensors[1].numpy() == cls)
 
 
-def _fit(model, train, seed, epochs, recorders=()):
+def _shuffled(train, seed: int, batch_size: int = 32) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, generator=g)
+    return torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, generator=g)
+
+
+def _fit(model, loader, epochs, recorders=()):
+    """SGD (lr 0.05, momentum 0.9) over ``loader``; manual-mode ``recorders`` step after each update."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for _ in range(epochs):
@@ -88,14 +92,14 @@ def run_seed(data: Split, kind: str, seed: int, keeps: list[float], epochs: int,
               for name, k, dt in specs}
     recs = [s.recorder(model).attach() for s in stores.values()]
     t0 = time.perf_counter()
-    _fit(model, train, seed, epochs, recs)
+    _fit(model, _shuffled(train, seed), epochs, recs)
     train_s = time.perf_counter() - t0
     for r in recs:
         r.detach()
 
     t0 = time.perf_counter()
     retrained = fresh()
-    _fit(retrained, retain, seed, epochs)
+    _fit(retrained, _shuffled(retain, seed), epochs)
     retrain_s = time.perf_counter() - t0
     target = unlearn.accuracy(retrained, forget)
 
@@ -179,35 +183,19 @@ def run_owner_seed(data: Split, seed: int, keeps: list[float], epochs: int, tmp:
 
     t0 = time.perf_counter()
     retrained = fresh()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(retrained.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(epochs):
-        for x, y, _ids in torch.utils.data.DataLoader(retain, batch_size=64, shuffle=True, generator=g):
-            opt.zero_grad()
-            F.cross_entropy(retrained(x), y).backward()
-            opt.step()
+    _fit(retrained, _shuffled(retain, seed, 64), epochs)
     judge("retrain from scratch", retrained, time.perf_counter() - t0)
     for batching in ("shuffled", "owner-packed"):
         model = fresh()
-        if batching == "owner-packed":
-            loader = torch.utils.data.DataLoader(train, batch_sampler=OwnerBatchSampler(owners, 64, seed=seed))
-        else:
-            loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                                 generator=torch.Generator().manual_seed(seed))
+        loader = (torch.utils.data.DataLoader(train, batch_sampler=OwnerBatchSampler(owners, 64, seed=seed))
+                  if batching == "owner-packed" else _shuffled(train, seed, 64))
         specs = [("full", 1.0, "float32")] + [(f"k{k}", k, "bfloat16") for k in keeps]
         stores = {n: UpdateStore.create(tmp / f"owner-{seed}-{batching}-{n}.zarr", model, keep=k, value_dtype=dt)
                   for n, k, dt in specs}
         for st in stores.values():
             st.index_owners(ids, owners)
         recs = [st.recorder(model).attach() for st in stores.values()]
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        for _ in range(epochs):
-            for x, y, sid in loader:
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-                for r in recs:
-                    r.step(sid)
+        _fit(model, loader, epochs, recs)
         for r in recs:
             r.detach()
         judge(f"original, {batching} batches", model, 0.0)
