@@ -261,6 +261,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         del news, sums
         _safe_apply(pairs, new_values)
         applied = True
+    bytes_read = store.bytes_read - read0  # before the purge, whose rewrites read chunks too
     method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
     if applied and ledger:
         entry = store.log_unlearning({
@@ -284,7 +285,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         steps_total=store.num_batches,
         steps_without_update=int(((status[steps] == 0) | (status[steps] == 2)).sum()),
         collateral=int(others.size),
-        bytes_read=store.bytes_read - read0,
+        bytes_read=bytes_read,
         seconds=time.perf_counter() - t0,
         dry_run=dry_run,
         applied=applied,

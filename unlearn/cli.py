@@ -26,6 +26,7 @@ from updatestore import (
     UpdateStoreError,
 )
 from updatestore.index import as_sample_ids
+from updatestore.layout import PURGED_ID
 
 __all__ = ["main", "CliError"]
 
@@ -75,7 +76,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "steps_skipped": int((status == STATUS_SKIPPED).sum()),
             "steps_not_stored": int((status == STATUS_NOT_STORED).sum()),
             "samples_indexed": int(store.num_samples),
-            "distinct_samples": int(len(np.unique(store.samples_in_steps(np.arange(store.num_batches))))),
+            "distinct_samples": int(len(np.setdiff1d(store.samples_in_steps(np.arange(store.num_batches)),
+                                                     [PURGED_ID]))),
             "layers": [{"name": s.name, "shape": list(s.shape), "keep": s.keep, "k": s.k, "positions": s.positions}
                        for s in store.layers],
             "footprint": fp.to_dict(),
@@ -87,7 +89,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"store {info['path']}: format {info['format_version']}, written by updatestore {info['library_version']} "
         f"on {info['created']}",
         f"steps: {info['steps']} ({info['steps_recorded']} recorded, {info['steps_skipped']} skipped, "
-        f"{info['steps_not_stored']} indexed only); samples indexed: {info['samples_indexed']} "
+        f"{info['steps_not_stored']} indexed only, {info['steps_purged']} purged); "
+        f"samples indexed: {info['samples_indexed']} "
         f"({info['distinct_samples']} distinct); values: {info['value_dtype']}",
         "layers:",
         *[f"  {lay['name']:<{width}}  {str(tuple(lay['shape'])):<16} keep {lay['keep']:<6} k {lay['k']:<8} "

@@ -54,7 +54,7 @@ class Footprint:
             f"ratio: {self.ratio:.2%} of the full log ({1 / self.ratio:.1f}x smaller)"
             if self.full_log_bytes and self.total_bytes
             else "ratio: n/a (no stored steps)",
-            f"sample index and step table: {_human(self.index_bytes)}",
+            f"sample index, step table and owner table: {_human(self.index_bytes)}",
         ]
         width = max((len(n) for n in self.layer_bytes), default=0)
         for name, nbytes in self.layer_bytes.items():

@@ -729,7 +729,7 @@ class UpdateStore:
         total = size("")
         if sync(store.exists(LOCK_NAME)):  # the writer lock is not part of the data
             total -= int(sync(store.getsize(LOCK_NAME)))
-        index_bytes = size("steps/") + size("samples/")
+        index_bytes = size("steps/") + size("samples/") + size("index/") + size("owners/")
         stored = int((self.step_status() == STATUS_RECORDED).sum())
         numel = sum(s.numel for s in self._specs)
         kept = sum(s.k for s in self._specs) / numel
