@@ -96,7 +96,6 @@ def test_changed_array_metadata_refused(store_path, tiny):
 
 
 def test_edited_commit_record_refused(store_path, tiny):
-    import json
 
     with UpdateStore.create(store_path, tiny) as store:
         train(store, tiny, steps=3)

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 
 import unlearn
 from unlearn.data import DataFormatError, forget_split, load_digits, load_idx_dir, read_idx, sample_ids

@@ -8,13 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny, train
 from updatestore import StoreLockedError, UpdateStore
 from updatestore.pruning import prune_topk
 

@@ -15,7 +15,7 @@ import torch
 import zarr
 import zarr.errors
 from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore, ZipStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore, ZipStore  # noqa: F401 (MemoryStore: docstring example)
 
 from . import __version__
 from .config import StoreConfig, resolve_keep
