@@ -44,6 +44,27 @@ def train(store, model, *, steps=20, batch=8, lr=0.1, seed=0, ids_fn=None, momen
     return oracle, all_ids
 
 
+def steps_with(all_ids, forget):
+    """Oracle: the steps whose IDs include any of ``forget`` (brute force)."""
+    return [s for s, ids in enumerate(all_ids) if np.isin(ids, forget).any()]
+
+
+def oracle_after(model, oracle, steps, keep):
+    """Oracle: the model's parameters minus the top-k (k = ceil(keep × numel), ≥ 1) of each
+    dense Δθ captured by ``train`` for ``steps``, computed with torch.topk independently
+    of the library."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for s in steps:
+        for name, d in oracle[s].items():
+            flat = d.flatten()
+            k = max(1, int(np.ceil(round(keep * flat.numel(), 9))))
+            kept = torch.zeros_like(flat)
+            idx = flat.abs().topk(k).indices
+            kept[idx] = flat[idx]
+            out[name] -= kept.view_as(d)
+    return out
+
+
 @pytest.fixture
 def tiny():
     return make_tiny()

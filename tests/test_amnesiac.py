@@ -1,33 +1,17 @@
 """amnesiac unlearning against the in-memory oracle θ_T − Σ Δθ_b."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 import unlearn
-from conftest import make_tiny, train
+from conftest import make_tiny, oracle_after, steps_with, train
 from updatestore import NonFiniteUpdateError, UpdateStore
 
 
 def _ids(s):  # 8 samples per step, IDs recur every 5 steps (epochs)
     return np.arange(8) + 8 * (s % 5)
-
-
-def _oracle_after(model, oracle, all_ids, forget, keep):
-    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for step, (delta, ids) in enumerate(zip(oracle, all_ids)):
-        if not np.isin(ids, forget).any():
-            continue
-        for name, d in delta.items():
-            flat = d.flatten()
-            k = max(1, math.ceil(round(keep * flat.numel(), 9)))
-            kept = torch.zeros_like(flat)
-            idx = flat.abs().topk(k).indices
-            kept[idx] = flat[idx]
-            expected[name] -= kept.view_as(d)
-    return expected
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.3, 0.05])
@@ -36,7 +20,7 @@ def test_amnesiac_equals_oracle(store_path, keep):
     with UpdateStore.create(store_path, model, keep=keep, value_dtype="float32") as store:
         oracle, all_ids = train(store, model, steps=20, ids_fn=_ids)
         forget = [3, 17]
-        expected = _oracle_after(model, oracle, all_ids, forget, keep)
+        expected = oracle_after(model, oracle, steps_with(all_ids, forget), keep)
         report = unlearn.amnesiac(model, store, forget, block_steps=3)
     assert report.applied and report.found == 2 and report.unknown.size == 0
     assert report.steps_hit.tolist() == [s for s in range(20) if s % 5 in (0, 2)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unlearn
-from conftest import make_tiny, train
+from conftest import make_tiny, oracle_after, steps_with, train
 from updatestore import ConfigError, UpdateStore
 
 am = importlib.import_module("unlearn.amnesiac")
@@ -17,26 +17,12 @@ def _ids(s):
     return np.arange(8) + 8 * (s % 5)
 
 
-def _oracle(model, oracle, all_ids, forget, keep):
-    out = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for delta, ids in zip(oracle, all_ids):
-        if np.isin(ids, forget).any():
-            for name, d in delta.items():
-                flat = d.flatten()
-                k = max(1, int(np.ceil(round(keep * flat.numel(), 9))))
-                kept = torch.zeros_like(flat)
-                idx = flat.abs().topk(k).indices
-                kept[idx] = flat[idx]
-                out[name] -= kept.view_as(d)
-    return out
-
-
 @pytest.mark.parametrize("recorded,keep", [(0.5, 0.1), (1.0, 0.05), (0.3, 0.3)])
 def test_deletion_time_keep_equals_pruning_the_dense_oracle(store_path, recorded, keep):
     model = make_tiny()
     with UpdateStore.create(store_path, model, keep=recorded, value_dtype="float32") as store:
         oracle, all_ids = train(store, model, steps=15, ids_fn=_ids)
-        expected = _oracle(model, oracle, all_ids, [4], keep)
+        expected = oracle_after(model, oracle, steps_with(all_ids, [4]), keep)
         report = unlearn.amnesiac(model, store, [4], keep=keep)
     assert report.kept["fc1.weight"] == int(np.ceil(round(keep * 480, 9)))
     for n, p in model.named_parameters():
