@@ -525,10 +525,14 @@ class UpdateStore:
         return self._get_index().samples_in_steps(np.asarray(steps, dtype=np.int64))
 
     def step_status(self) -> np.ndarray:
-        """Status of every committed step: 0 skipped, 1 recorded, 2 not stored (``watch``)."""
+        """Status of every committed step: 0 skipped, 1 recorded, 2 not stored (``watch``), 3 purged."""
+        return self._statuses().copy()
+
+    def _statuses(self) -> np.ndarray:
+        # The cached array itself, for reads on the hot path (no copy of every step's status).
         self._get_index()
         assert self._status is not None
-        return self._status.copy()
+        return self._status
 
     # ------------------------------------------------------------ rows
     def read_rows(self, layer: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -579,7 +583,7 @@ class UpdateStore:
         raw = sync(fetch_all())
         # Rows of steps without a stored update (skipped, unwatched, purged) are zeros
         # on disk; decode only recorded rows and give the others zero values at 0..k-1.
-        status = self.step_status()[sel]
+        status = self._statuses()[sel]
         recorded = status == STATUS_RECORDED
         out = {}
         for i, spec in enumerate(specs):
