@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom"]
+__all__ = ["RESULTS", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom", "pyplot",
+           "md_table"]
 
 
 class FullLog:
@@ -56,6 +57,16 @@ def synthetic_images(n: int, *, classes: int = 10, size: int = 32, seed: int = 0
 def log2_binom(n: int, k: int) -> float:
     """log2 C(n, k): the bits needed to name a k-subset of n positions."""
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless), imported late."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def machine() -> dict[str, Any]:

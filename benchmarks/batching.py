@@ -22,7 +22,7 @@ from unlearn.data import load_digits
 from unlearn.models import DigitsCNN
 from updatestore import OwnerBatchSampler, UpdateStore
 
-from ._common import RESULTS, machine, md_table, write_results
+from ._common import RESULTS, machine, md_table, pyplot, write_results
 
 
 def synthetic_owners(n: int, rng: np.random.Generator, low: int = 5, high: int = 20) -> np.ndarray:
@@ -70,10 +70,7 @@ def run(mode: str, seed: int, epochs: int, batch: int, tmp: Path) -> dict:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = ["shuffled", "owner-packed"]
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4))

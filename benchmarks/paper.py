@@ -31,7 +31,7 @@ from unlearn.data import Split, load_digits, load_idx_dir
 from unlearn.models import DigitsCNN
 from updatestore import UpdateStore
 
-from ._common import RESULTS, machine, md_table, write_results
+from ._common import RESULTS, machine, md_table, pyplot, write_results
 
 METRICS = ("test_accuracy", "retain_accuracy", "forget_accuracy", "mia_auc", "distance", "bytes", "seconds",
            "chosen_keep", "steps_hit_share")
@@ -225,10 +225,7 @@ def _fmt(vals: list[float], metric: str) -> str:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 5.5), squeeze=False)
     for ax, (kind, rows) in zip(axes[0], results.items()):

@@ -17,7 +17,7 @@ import torch
 
 from updatestore import UpdateStore
 
-from ._common import RESULTS, machine, md_table, write_results
+from ._common import RESULTS, machine, md_table, pyplot, write_results
 
 IDS_PER_STEP = 10
 PROBE_STEPS = 2000
@@ -39,10 +39,7 @@ def _append(store: UpdateStore, model: torch.nn.Module, start: int, count: int) 
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [r["steps"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -26,7 +26,7 @@ from unlearn.models import DigitsCNN, WideCNN
 from updatestore import UpdateStore
 from updatestore.index import SampleIndex
 
-from ._common import RESULTS, FullLog, machine, md_table, synthetic_images, write_results
+from ._common import RESULTS, FullLog, machine, md_table, pyplot, synthetic_images, write_results
 
 
 class PeakRSS:
@@ -222,10 +222,7 @@ def query_latency(samples: int, epochs: int, query: int, batch: int = 128) -> di
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for model, color in (("DigitsCNN", "tab:blue"), ("wide_mlp", "tab:orange")):

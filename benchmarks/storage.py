@@ -24,7 +24,7 @@ from unlearn.data import load_digits
 from unlearn.models import DigitsCNN, WideCNN
 from updatestore import UpdateStore
 
-from ._common import RESULTS, FullLog, log2_binom, machine, md_table, synthetic_images, write_results
+from ._common import RESULTS, FullLog, log2_binom, machine, md_table, pyplot, synthetic_images, write_results
 
 KEEPS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.01)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -99,10 +99,7 @@ def run_model(name: str, model: torch.nn.Module, data, *, epochs: int, batch_siz
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     main = [r for r in rows if r["tag"] == "main" and r["clevel"] == 5]
