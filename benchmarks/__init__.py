@@ -1,1 +1,1 @@
-"""Benchmarks, run as ``python -m benchmarks.<name> [--quick]``; results land in ``benchmarks/results/``."""
+"""Benchmarks, run as ``python -m benchmarks.<name> [--quick] [--out DIR]`` (installed as ``updatestore_benchmarks``)."""

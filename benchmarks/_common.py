@@ -1,7 +1,12 @@
-"""Shared pieces of the benchmarks: the full-log baseline, data, results output."""
+"""Shared pieces of the benchmarks: argument parsing, the full-log baseline, data, results output.
+
+Results go to ``--out`` (default: the current directory), never into the installed
+package; the repository's figures are regenerated with ``--out benchmarks/results``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,10 +18,21 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+#: Where the repository keeps the figures the README quotes (written only when asked with --out).
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom", "pyplot",
+__all__ = ["RESULTS", "parser", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom", "pyplot",
            "md_table"]
+
+
+def parser(name: str, doc: str | None, quick: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: ``--quick`` (``quick`` says what it does) and ``--out``."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=(doc or name).splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--out", type=Path, default=Path.cwd(),
+                    help="directory for the .md, .json and .png results (default: the current directory; "
+                         "the repository's are in benchmarks/results)")
+    return ap
 
 
 class FullLog:
@@ -79,7 +95,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> Path:
+def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
     (out_dir / f"{name}.md").write_text(markdown)

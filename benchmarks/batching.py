@@ -7,7 +7,6 @@ Run: ``python -m benchmarks.batching [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from unlearn.data import load_digits
 from unlearn.models import DigitsCNN
 from updatestore import OwnerBatchSampler, UpdateStore
 
-from ._common import RESULTS, machine, md_table, pyplot, write_results
+from ._common import parser, machine, md_table, pyplot, write_results
 
 
 def synthetic_owners(n: int, rng: np.random.Generator, low: int = 5, high: int = 20) -> np.ndarray:
@@ -84,9 +83,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, fewer epochs (≤ 2 minutes on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = parser("batching", __doc__, "one seed, fewer epochs (≤ 2 minutes on 2 CPU cores)")
     args = ap.parse_args(argv)
     seeds = 1 if args.quick else 3
     epochs = 4 if args.quick else 10

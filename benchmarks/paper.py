@@ -14,7 +14,6 @@ Run: ``python -m benchmarks.paper [--quick] [--data-dir DIR]``
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from unlearn.data import Split, load_digits, load_idx_dir
 from unlearn.models import DigitsCNN
 from updatestore import UpdateStore
 
-from ._common import RESULTS, machine, md_table, pyplot, write_results
+from ._common import parser, machine, md_table, pyplot, write_results
 
 METRICS = ("test_accuracy", "retain_accuracy", "forget_accuracy", "mia_auc", "distance", "bytes", "seconds",
            "chosen_keep", "steps_hit_share")
@@ -130,8 +129,8 @@ def run_seed(data: Split, kind: str, seed: int, keeps: list[float], epochs: int,
     for label, target in (("amnesiac keep auto", None), ("amnesiac keep auto, target = retrained", target)):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        rep = unlearn.amnesiac(m, stores["full"], forget_ids, keep="auto", forget=forget, validation=validation,
-                               target=target, ledger=False, purge=False)
+        rep = unlearn.amnesiac(m, stores["full"], forget_ids, ledger=False, purge=False,
+                               keep=unlearn.Auto(forget=forget, validation=validation, target=target))
         chosen = next(c["keep"] for c in rep.candidates if c.get("chosen"))
         judge(label, m, time.perf_counter() - t0, stores["full"].footprint().total_bytes)
         rows[label]["chosen_keep"] = chosen
@@ -245,12 +244,10 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, fewer ratios (≤ 2 minutes on 2 CPU cores)")
+    ap = parser("paper", __doc__, "one seed, fewer ratios (≤ 2 minutes on 2 CPU cores)")
     ap.add_argument("--data-dir", type=Path, default=None, help="MNIST-format IDX directory (default: bundled digits)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training samples of --data-dir")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     data = load_idx_dir(args.data_dir, limit=args.limit) if args.data_dir else load_digits()
     seeds = args.seeds or (1 if args.quick else 3)

@@ -6,7 +6,6 @@ Run: ``python -m benchmarks.scale [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ import torch
 
 from updatestore import UpdateStore
 
-from ._common import RESULTS, machine, md_table, pyplot, write_results
+from ._common import parser, machine, md_table, pyplot, write_results
 
 IDS_PER_STEP = 10
 PROBE_STEPS = 2000
@@ -54,9 +53,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="up to 20k steps (≤ 2 minutes on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = parser("scale", __doc__, "up to 20k steps (≤ 2 minutes on 2 CPU cores)")
     args = ap.parse_args(argv)
     sizes = [2_000, 10_000, 20_000] if args.quick else [10_000, 100_000, 1_000_000]
     rng = np.random.default_rng(0)

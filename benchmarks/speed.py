@@ -6,7 +6,6 @@ Run: ``python -m benchmarks.speed [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,9 +23,10 @@ import unlearn
 from unlearn.data import load_digits
 from unlearn.models import DigitsCNN, WideCNN
 from updatestore import UpdateStore
-from updatestore.index import SampleIndex
+# The query micro-benchmark times the index component alone (scale.py times it through the store).
+from updatestore._index import SampleIndex
 
-from ._common import RESULTS, FullLog, machine, md_table, pyplot, synthetic_images, write_results
+from ._common import parser, FullLog, machine, md_table, pyplot, synthetic_images, write_results
 
 
 class PeakRSS:
@@ -242,9 +242,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small run (≤ 2 minutes on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = parser("speed", __doc__, "small run (≤ 2 minutes on 2 CPU cores)")
     args = ap.parse_args(argv)
     q = args.quick
     torch.set_num_threads(max(1, torch.get_num_threads()))

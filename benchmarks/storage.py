@@ -11,7 +11,6 @@ Run: ``python -m benchmarks.storage [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from unlearn.data import load_digits
 from unlearn.models import DigitsCNN, WideCNN
 from updatestore import UpdateStore
 
-from ._common import RESULTS, FullLog, log2_binom, machine, md_table, pyplot, synthetic_images, write_results
+from ._common import parser, FullLog, log2_binom, machine, md_table, pyplot, synthetic_images, write_results
 
 KEEPS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.01)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -119,9 +118,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small run (≤ 2 minutes on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = parser("storage", __doc__, "small run (≤ 2 minutes on 2 CPU cores)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows: list[dict] = []

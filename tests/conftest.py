@@ -47,6 +47,12 @@ def train(store, model, *, steps=20, batch=8, lr=0.1, seed=0, ids_fn=None, momen
     return oracle, all_ids
 
 
+def read_rows(store, layer, start, stop):
+    """``(values, positions)`` of steps ``start..stop-1`` of one layer, through the public ``store.read``."""
+    rows = store.read(np.arange(start, stop), [layer])[layer]
+    return rows.values, rows.positions
+
+
 def steps_with(all_ids, forget):
     """Oracle: the steps whose IDs include any of ``forget`` (brute force)."""
     return [s for s, ids in enumerate(all_ids) if np.isin(ids, forget).any()]

@@ -9,6 +9,7 @@ import torch
 
 import unlearn
 from updatestore import UpdateStore
+from conftest import read_rows
 
 WORKER = textwrap.dedent("""
     import sys, numpy as np, torch, torch.distributed as dist
@@ -70,8 +71,8 @@ def test_ddp_store_equals_single_process_on_the_union(tmp_path):
     for s in range(8):
         assert ddp.samples_in(s).tolist() == single.samples_in(s).tolist()  # rank 0's IDs, then rank 1's
     for spec in single.layers:
-        v1, p1 = single.read_rows(spec.name, 0, 8)
-        v2, p2 = ddp.read_rows(spec.name, 0, 8)
+        v1, p1 = read_rows(single, spec.name, 0, 8)
+        v2, p2 = read_rows(ddp, spec.name, 0, 8)
         torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-7)
         assert (p1 == p2).float().mean() > 0.99  # positions agree up to near-ties from all-reduce rounding
 

@@ -1,21 +1,17 @@
 """Keep chosen at deletion time, and the automatic choice (issue: forgetting control)."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
 import unlearn
 from conftest import make_tiny, oracle_after, steps_with, train
+from torch.utils.data import TensorDataset
+
 from updatestore import ConfigError, UpdateStore
-
-am = importlib.import_module("unlearn.amnesiac")
-
 
 def _ids(s):
     return np.arange(8) + 8 * (s % 5)
-
 
 @pytest.mark.parametrize("recorded,keep", [(0.5, 0.1), (1.0, 0.05), (0.3, 0.3)])
 def test_deletion_time_keep_equals_pruning_the_dense_oracle(store_path, recorded, keep):
@@ -27,7 +23,6 @@ def test_deletion_time_keep_equals_pruning_the_dense_oracle(store_path, recorded
     assert report.kept["fc1.weight"] == int(np.ceil(round(keep * 480, 9)))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=2e-6)
-
 
 def test_asking_more_than_recorded_is_a_clear_error(store_path):
     model = make_tiny()
@@ -41,20 +36,28 @@ def test_asking_more_than_recorded_is_a_clear_error(store_path):
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])
 
+def test_one_pass_multi_ratio_choice_equals_a_separate_pass(store_path):
+    """keep=Auto computes every candidate from one pass over the rows; the model it leaves
+    equals a separate keep=<chosen> run, which equals the independent top-k' oracle."""
+    import copy
 
-def test_one_pass_multi_ratio_sums_equal_separate_passes(store_path):
+    from torch.utils.data import TensorDataset
+
     model = make_tiny()
     with UpdateStore.create(store_path, model, keep=0.5, value_dtype="float32") as store:
-        train(store, model, steps=12, ids_fn=_ids)
-        pairs = store.check_model(model)
-        steps = np.array([0, 2, 3, 7, 11])
-        ks = [am._counts_for(store, pairs, r) for r in (0.5, 0.2, 0.05)]
-        together = am._accumulate(store, pairs, steps, torch.device("cpu"), 4, ks=ks)
-        for k, sums in zip(ks, together):
-            (alone,) = am._accumulate(store, pairs, steps, torch.device("cpu"), 4, ks=[k])
-            for a, b in zip(sums, alone):
-                assert torch.equal(a, b)
-
+        oracle, all_ids = train(store, model, steps=12, ids_fn=_ids)
+        forget_ids = [0, 9]
+        data = TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,)))
+        for target in (0.0, 1.0):  # nothing / everything meets it: different branches of the choice
+            auto_model, sep_model = copy.deepcopy(model), copy.deepcopy(model)
+            rep = unlearn.amnesiac(auto_model, store, forget_ids, ledger=False, purge=False, keep=unlearn.Auto(
+                forget=data, validation=data, target=target, candidates=(0.5, 0.2, 0.05)))
+            chosen = next(r["keep"] for r in rep.candidates if r.get("chosen"))
+            unlearn.amnesiac(sep_model, store, forget_ids, ledger=False, purge=False, keep=chosen)
+            want = oracle_after(model, oracle, steps_with(all_ids, forget_ids), chosen)
+            for (n, a), (_, b) in zip(auto_model.named_parameters(), sep_model.named_parameters()):
+                assert torch.equal(a, b), n
+                torch.testing.assert_close(a.detach(), want[n], rtol=0, atol=1e-6)
 
 def test_auto_keep_picks_a_candidate_that_meets_the_target(store_path):
     from torch.utils.data import TensorDataset
@@ -76,8 +79,8 @@ def test_auto_keep_picks_a_candidate_that_meets_the_target(store_path):
                         opt.step()
         forget = torch.utils.data.Subset(data, list(range(20)))
         validation = TensorDataset(*(t[100:] for t in data.tensors))
-        report = unlearn.amnesiac(model, store, list(range(20)), keep="auto", forget=forget,
-                                  validation=validation, target=0.5, candidates=(1.0, 0.3, 0.1, 0.01))
+        report = unlearn.amnesiac(model, store, list(range(20)), keep=unlearn.Auto(
+            forget=forget, validation=validation, target=0.5, candidates=(1.0, 0.3, 0.1, 0.01)))
     table = report.candidates
     assert [row["keep"] for row in table] == [1.0, 0.3, 0.1, 0.01]
     chosen = [row for row in table if row.get("chosen")]
@@ -88,20 +91,20 @@ def test_auto_keep_picks_a_candidate_that_meets_the_target(store_path):
     assert unlearn.accuracy(model, forget) == pytest.approx(chosen[0]["forget_accuracy"])
     assert "<- chosen" in str(report)
 
-
 def test_auto_needs_data(store_path):
     model = make_tiny()
     with UpdateStore.create(store_path, model) as store:
         train(store, model, steps=2)
-        with pytest.raises(ConfigError, match="keep='auto' needs forget="):
+        with pytest.warns(DeprecationWarning, match="unlearn.Auto"), \
+                pytest.raises(ConfigError, match="keep='auto' needs forget="):
             unlearn.amnesiac(model, store, [0], keep="auto")
-
+        with pytest.raises(ConfigError, match="candidates=...\\) is empty"):
+            unlearn.Auto(forget=TensorDataset(torch.zeros(1)), validation=TensorDataset(torch.zeros(1)), candidates=[])
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from updatestore import OwnerBatchSampler  # noqa: E402
-
 
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=300), st.integers(1, 40), st.integers(0, 1000))
 @settings(max_examples=120, deadline=None)
@@ -121,13 +124,11 @@ def test_owner_sampler_yields_each_sample_once_and_packs_owners(owners, batch_si
             hit = sum(1 for b in batches if (owners[np.asarray(b)] == o).any())
             assert hit == -(-n // batch_size)  # as few batches as the owner's size allows
 
-
 def test_owner_sampler_shuffles_across_epochs():
     owners = np.repeat(np.arange(50), 5)
     s = OwnerBatchSampler(owners, 20, seed=0)
     first, second = list(s), list(s)
     assert first != second
-
 
 def test_owner_queries_equal_brute_force(store_path):
     model = make_tiny()
@@ -141,7 +142,6 @@ def test_owner_queries_equal_brute_force(store_path):
             assert store.samples_of([owner]).tolist() == sorted(mine)
             brute = sorted({s for s in range(10) if np.isin(_ids(s), mine).any()})
             assert store.batches_containing(owners=[owner]).tolist() == brute
-
 
 def test_amnesiac_by_owner_equals_by_ids(store_path, tmp_path):
     import copy

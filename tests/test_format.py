@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import make_tiny, train
+from conftest import make_tiny, train, read_rows
 from updatestore import UpdateStore
 
 FORMAT = Path(__file__).parents[1] / "updatestore" / "FORMAT.md"
@@ -26,7 +26,7 @@ def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, po
     with UpdateStore.create(tmp_path / "run.zarr", model, keep=keep, value_dtype=dtype,
                             positions=positions) as store:
         train(store, model, steps=9)
-        expected = store.read_rows("fc1.weight", 0, 9)
+        expected = read_rows(store, "fc1.weight", 0, 9)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(_reader_block(), scope)  # the documented snippet, verbatim

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import unlearn
-from conftest import make_tiny, train
+from conftest import make_tiny, train, read_rows
 from updatestore import CorruptStoreError, UpdateStore, UpdateStoreError
 
 FORGET = [3, 10]
@@ -34,7 +34,7 @@ def pristine(tmp_path_factory):
 def _observe(store, model):
     m = copy.deepcopy(model)
     unlearn.amnesiac(m, store, FORGET, ledger=False, purge=False)
-    rows = {s.name: store.read_rows(s.name, 0, store.num_batches) for s in store.layers}
+    rows = {s.name: read_rows(store, s.name, 0, store.num_batches) for s in store.layers}
     return {"params": {n: p.detach().clone() for n, p in m.named_parameters()},
             "steps": store.batches_containing(list(range(40))).tolist(), "rows": rows,
             "status": store.step_status().tolist()}

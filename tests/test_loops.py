@@ -155,13 +155,14 @@ def test_partial_auto_picks_among_candidates(digits, trained):
 
     model = copy.deepcopy(trained)
     forget, retain = forget_split(digits.train, cls=3)
-    report = unlearn.label_flip(model, forget, partial="auto", epochs=2, lr=0.05, validation=digits.test,
-                                target=0.3, candidates=(1.0, 0.1, 0.01))
+    auto = unlearn.Auto(forget=forget, validation=digits.test, target=0.3, candidates=(1.0, 0.1, 0.01))
+    report = unlearn.label_flip(model, forget, partial=auto, epochs=2, lr=0.05)
     assert [c["keep"] for c in report.candidates] == [1.0, 0.1, 0.01]
     chosen = [c for c in report.candidates if c.get("chosen")]
     assert len(chosen) == 1 and unlearn.accuracy(model, forget) == pytest.approx(chosen[0]["forget_accuracy"])
     meeting = [c for c in report.candidates if c["meets_target"]]
     if meeting:
         assert chosen[0]["validation_accuracy"] == max(c["validation_accuracy"] for c in meeting)
-    with pytest.raises(ConfigError, match="partial='auto' needs validation="):
+    with pytest.warns(DeprecationWarning, match="unlearn.Auto"), \
+            pytest.raises(ConfigError, match="partial='auto' needs forget="):
         unlearn.gradient_ascent(model, forget, partial="auto")

@@ -1,20 +1,50 @@
-"""Property tests: encoders round-trip, the inverse index equals a brute-force scan."""
+"""Property tests: codecs round-trip against numpy oracles, the inverse index equals a brute-force scan.
+
+Codecs are reached through their registry (``updatestore._codecs``), the interface a
+new encoding plugs into; pruning and the index through the modules that own them.
+"""
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from updatestore.encoding import (
-    decode_bitmap,
-    decode_gaps,
-    encode_bitmap,
-    encode_gaps,
-    values_from_numpy,
-    values_to_numpy,
-)
-from updatestore.index import SampleIndex
-from updatestore.pruning import prune_topk
+from updatestore import kept_count
+from updatestore._codecs import CorruptRowError, positions_codec, values_codec
+from updatestore._index import SampleIndex
+from updatestore._pruning import prune_topk, radix_select
+from updatestore._reader import read_plan
+
+BITMAP, GAPS = positions_codec("bitmap"), positions_codec("gaps")
+
+
+def encode_bitmap(rows, numel):
+    """Oracle: numpy's own bit packing of a 0/1 row per step."""
+    dense = np.zeros((len(rows), numel), dtype=np.uint8)
+    np.put_along_axis(dense, np.asarray(rows), 1, axis=1)
+    return np.packbits(dense, axis=1)
+
+
+def encode_gaps(rows, numel):
+    """Oracle: first position absolute, then differences."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.concatenate([rows[:, :1], np.diff(rows, axis=1)], axis=1).astype(GAPS.dtype(numel))
+
+
+def decode_bitmap(rows, numel, k):
+    return BITMAP.decode(rows, numel, k)
+
+
+def decode_gaps(rows, numel):
+    return GAPS.decode(rows, numel, rows.shape[1])
+
+
+def values_to_numpy(t, dtype):
+    return values_codec(dtype).to_numpy(t)
+
+
+def values_from_numpy(a, dtype):
+    return values_codec(dtype).to_torch(a)
 
 
 @st.composite
@@ -33,19 +63,18 @@ def position_rows(draw):
 def test_gaps_round_trip(case):
     rows, numel, _ = case
     np.testing.assert_array_equal(decode_gaps(encode_gaps(rows, numel), numel), rows)
+    np.testing.assert_array_equal(np.stack([GAPS.encode(torch.from_numpy(r), numel) for r in rows]),
+                                  encode_gaps(rows, numel))
 
 
 @given(position_rows())
 @settings(max_examples=60, deadline=None)
 def test_bitmap_round_trip(case):
     rows, numel, k = case
-    bm = encode_bitmap(rows, numel)
+    bm = np.stack([BITMAP.encode(torch.from_numpy(r), numel) for r in rows])
     assert bm.shape == (len(rows), (numel + 7) // 8)
     np.testing.assert_array_equal(decode_bitmap(bm, numel, k), rows)
-    # agrees with numpy's own bit packing
-    dense = np.zeros((len(rows), numel), dtype=np.uint8)
-    np.put_along_axis(dense, rows, 1, axis=1)
-    np.testing.assert_array_equal(bm, np.packbits(dense, axis=1))
+    np.testing.assert_array_equal(bm, encode_bitmap(rows, numel))  # agrees with numpy's own bit packing
 
 
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64),
@@ -109,8 +138,6 @@ def test_index_equals_brute_force(case):
 def test_bitmap_decode_rejects_unbalanced_rows():
     import pytest
 
-    from updatestore.encoding import CorruptRowError
-
     bm = encode_bitmap(np.array([[1, 5], [2, 9]]), 12)
     bad = bm.copy()
     bad[0, 0] |= 0b00000010  # a third bit in row 0 ...
@@ -126,8 +153,6 @@ def test_bitmap_decode_rejects_unbalanced_rows():
 @given(st.integers(1, 3000), st.floats(0.0001, 1.0), st.integers(0, 2**31), st.sampled_from(["normal", "ties", "zeros"]))
 @settings(max_examples=120, deadline=None)
 def test_radix_select_is_topk(numel, keep, seed, kind):
-    from updatestore.pruning import kept_count, radix_select
-
     k = kept_count(keep, numel)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(numel, generator=g)
@@ -146,25 +171,23 @@ def test_radix_select_is_topk(numel, keep, seed, kind):
 @given(position_rows())
 @settings(max_examples=60, deadline=None)
 def test_device_encoders_match_numpy_encoders(case):
-    from updatestore.encoding import _pack_bits_torch, encode_positions_torch
+    from updatestore._codecs.bitmap import pack_bits_torch  # the GPU packing path, run here on the CPU
 
     rows, numel, _ = case
     for row in rows:
         t = torch.from_numpy(row)
-        np.testing.assert_array_equal(encode_positions_torch(t, numel, "bitmap"), encode_bitmap(row[None], numel)[0])
-        np.testing.assert_array_equal(encode_positions_torch(t, numel, "gaps"), encode_gaps(row[None], numel)[0])
+        np.testing.assert_array_equal(BITMAP.encode(t, numel), encode_bitmap(row[None], numel)[0])
+        np.testing.assert_array_equal(GAPS.encode(t, numel), encode_gaps(row[None], numel)[0])
         mask = torch.zeros((numel + 7) // 8 * 8, dtype=torch.bool)
         mask[t] = True
-        np.testing.assert_array_equal(_pack_bits_torch(mask).numpy(), encode_bitmap(row[None], numel)[0])
+        np.testing.assert_array_equal(pack_bits_torch(mask).numpy(), encode_bitmap(row[None], numel)[0])
 
 
 @given(st.lists(st.integers(0, 300), min_size=1, max_size=40, unique=True), st.integers(1, 64))
 @settings(max_examples=100, deadline=None)
 def test_read_plan_selects_exactly_the_steps(steps, chunk_rows):
-    from updatestore.store import _read_plan
-
     sel = np.array(sorted(steps))
-    spans, keep = _read_plan(sel, chunk_rows)
+    spans, keep = read_plan(sel, chunk_rows)
     rows = np.concatenate([np.arange(s.start, s.stop) for s in spans])
     got = rows if keep is None else rows[keep]
     np.testing.assert_array_equal(got, sel)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny, train
+from conftest import make_tiny, train, read_rows
 from updatestore import UpdateStore
 
 
@@ -15,8 +15,8 @@ def test_keep_one_float32_reconstructs_initial_weights(store_path):
         train(store, model, steps=25)
         for spec in store.layers:
             assert spec.positions == "dense"
-            values, pos = store.read_rows(spec.name, 0, store.num_batches)
-            assert pos is None
+            values, pos = read_rows(store, spec.name, 0, store.num_batches)
+            assert torch.equal(pos, torch.arange(spec.numel).expand(store.num_batches, spec.numel))
             param = dict(model.named_parameters())[spec.name].detach()
             back = param - values.sum(0).view(spec.shape)
             torch.testing.assert_close(back, init[spec.name], rtol=0, atol=1e-6)
@@ -29,7 +29,7 @@ def test_stored_entries_are_topk_of_true_update(store_path, keep, positions):
         oracle, _ = train(store, model, steps=12, momentum=0.9)
         for spec in store.layers:
             assert spec.k == max(1, math.ceil(round(keep * spec.numel, 9)))
-            values, pos = store.read_rows(spec.name, 0, 12)
+            values, pos = read_rows(store, spec.name, 0, 12)
             assert values.shape == (12, spec.k) and pos.shape == (12, spec.k)
             for step in range(12):
                 true = oracle[step][spec.name].flatten()
@@ -48,7 +48,7 @@ def test_half_precision_values_within_rounding(store_path, dtype, rel):
     with UpdateStore.create(store_path, model, keep=1.0, value_dtype=dtype) as store:
         oracle, _ = train(store, model, steps=6)
         for spec in store.layers:
-            values, _ = store.read_rows(spec.name, 0, 6)
+            values, _ = read_rows(store, spec.name, 0, 6)
             true = torch.stack([o[spec.name].flatten() for o in oracle])
             err = (values - true).abs()
             # round-to-nearest: relative error ≤ 2^-(mantissa bits + 1); float16 also has subnormals
@@ -56,24 +56,33 @@ def test_half_precision_values_within_rounding(store_path, dtype, rel):
             assert torch.all(err <= tol)
 
 
-def test_bfloat16_keeps_tiny_updates_that_float16_flushes():
-    from updatestore.encoding import values_from_numpy, values_to_numpy
-
-    tiny = torch.tensor([1e-9, -2e-8, 2e-10])  # SGD steps this small are common late in training
-    assert torch.all(values_from_numpy(values_to_numpy(tiny, "bfloat16"), "bfloat16") != 0)
-    assert torch.all(values_from_numpy(values_to_numpy(tiny, "float16"), "float16") == 0)
+def test_bfloat16_keeps_tiny_updates_that_float16_flushes(tmp_path):
+    # SGD steps this small are common late in training
+    tiny_step = torch.tensor([1e-9, -2e-8, 2e-10])
+    got = {}
+    for dtype in ("bfloat16", "float16"):
+        model = torch.nn.Linear(3, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)  # so that float32 holds θ + Δθ exactly
+        with UpdateStore.create(tmp_path / dtype, model, keep=1.0, value_dtype=dtype) as store:
+            with store.recorder(model) as rec:
+                with torch.no_grad():
+                    model.weight += tiny_step
+                rec.step([0])
+            got[dtype] = store.read([0])["weight"].values[0]
+    assert torch.all(got["bfloat16"] != 0)
+    assert torch.all(got["float16"] == 0)
 
 
 def test_reopen_reads_identical_data(store_path):
     model = make_tiny()
     with UpdateStore.create(store_path, model, keep=0.2) as store:
         train(store, model, steps=10)
-        before = {s.name: store.read_rows(s.name, 0, 10) for s in store.layers}
+        before = {s.name: read_rows(store, s.name, 0, 10) for s in store.layers}
         ids_before = [store.samples_in(i) for i in range(10)]
     with UpdateStore.open(store_path) as again:
         assert again.num_batches == 10 and again.num_samples == 80
         for s in again.layers:
-            v, p = again.read_rows(s.name, 0, 10)
+            v, p = read_rows(again, s.name, 0, 10)
             assert torch.equal(v, before[s.name][0]) and torch.equal(p, before[s.name][1])
         for i in range(10):
             np.testing.assert_array_equal(again.samples_in(i), ids_before[i])
@@ -88,7 +97,7 @@ def test_append_after_reopen_continues_numbering(store_path):
         assert store.num_batches == 12
         assert store.batches_containing([1003]).tolist() == [10]
         oracle = first + second
-        v, p = store.read_rows("fc2.weight", 0, 12)
+        v, p = read_rows(store, "fc2.weight", 0, 12)
         for step in range(12):
             torch.testing.assert_close(v[step], oracle[step]["fc2.weight"].flatten()[p[step]], rtol=0, atol=0)
 
@@ -100,7 +109,7 @@ def test_many_blocks_and_partial_flush(store_path):
         block = store.meta["block_steps"]
         steps = 2 * block + 3
         oracle, _ = train(store, model, steps=steps)
-        v, p = store.read_rows("fc1.weight", 0, steps)
+        v, p = read_rows(store, "fc1.weight", 0, steps)
         for step in (0, block - 1, block, steps - 1):
             torch.testing.assert_close(v[step], oracle[step]["fc1.weight"].flatten()[p[step]], rtol=0, atol=0)
 
@@ -143,7 +152,7 @@ def test_watch_stores_only_steps_with_watched_samples(store_path):
         oracle, _ = train(store, model, steps=10, watch=[17, 50])  # ids 8s..8s+7: steps 2 and 6
         assert store.step_status().tolist() == [2, 2, 1, 2, 2, 2, 1, 2, 2, 2]
         assert store.num_samples == 80  # every step is still indexed
-        v, p = store.read_rows("fc2.bias", 6, 7)
+        v, p = read_rows(store, "fc2.bias", 6, 7)
         torch.testing.assert_close(v[0], oracle[6]["fc2.bias"].flatten()[p[0]], rtol=0, atol=0)
 
 
@@ -157,7 +166,7 @@ def test_manual_step_path(store_path):
                     for p in model.parameters():
                         p.add_(0.01 * (s + 1))
                 rec.step([s])
-        v, _ = store.read_rows("fc1.bias", 0, 3)
+        v, _ = read_rows(store, "fc1.bias", 0, 3)
         torch.testing.assert_close(v.sum(0), model.fc1.bias.detach() - init["fc1.bias"])
         assert store.batches_containing([2]).tolist() == [2]
 

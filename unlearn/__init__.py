@@ -3,19 +3,25 @@
 * :func:`amnesiac` — subtract the stored (pruned) updates of the steps that used the samples.
 * :func:`label_flip`, :func:`gradient_ascent`, :func:`finetune` — loop-based methods, each
   with layer-wise partial updates (``partial=ratio``).
+* :class:`Auto` — choose the ratio automatically (``keep=Auto(...)``, ``partial=Auto(...)``).
 * :func:`evaluate` — accuracies, a membership-inference attack, gaps to a retrained model.
 * :mod:`unlearn.data` — bundled digits, MNIST-format IDX files, forget splits.
+
+It uses only ``updatestore``'s public API.
 """
 
-from .amnesiac import amnesiac
+from .choice import Auto
+from .errors import NonFiniteUpdateError, UnlearnError
 from .evaluate import evaluate, membership_attack, param_distance
-from .loops import LoopReport, accuracy, finetune, gradient_ascent, label_flip
+from .methods import LoopReport, amnesiac, finetune, gradient_ascent, label_flip
+from .metrics import accuracy
 from .partial import PartialUpdate
 from .report import UnlearnReport
 
 __all__ = [
     "amnesiac",
     "UnlearnReport",
+    "Auto",
     "PartialUpdate",
     "label_flip",
     "gradient_ascent",
@@ -25,4 +31,6 @@ __all__ = [
     "evaluate",
     "membership_attack",
     "param_distance",
+    "UnlearnError",
+    "NonFiniteUpdateError",
 ]

@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from updatestore import (
+    PURGED_ID,
     STATUS_NOT_STORED,
     STATUS_PURGED,
     STATUS_RECORDED,
     STATUS_SKIPPED,
     UpdateStore,
     UpdateStoreError,
+    as_sample_ids,
 )
-from updatestore.index import as_sample_ids
-from updatestore.layout import PURGED_ID
 
 __all__ = ["main", "CliError"]
 
@@ -149,7 +149,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from .amnesiac import amnesiac
+    from .methods import amnesiac
 
     ids = _ids(args)
     model = _build_model(args.model)
@@ -190,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        mod = importlib.import_module(f"benchmarks.{args.name}")
+        mod = importlib.import_module(f"updatestore_benchmarks.{args.name}")
     except ImportError as exc:
         raise CliError(f"benchmarks are not installed with this copy of updatestore ({exc})") from None
     return mod.main((["--quick"] if args.quick else []) + args.rest)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from updatestore.errors import ConfigError, UpdateStoreError
+from updatestore import ConfigError, UpdateStoreError
 
 __all__ = ["Split", "load_digits", "load_idx_dir", "read_idx", "forget_split", "sample_ids", "DataFormatError"]
 

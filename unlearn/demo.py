@@ -18,9 +18,9 @@ import torch
 
 from updatestore import UpdateStore
 
-from .amnesiac import amnesiac
 from .data import load_digits
-from .loops import accuracy
+from .metrics import accuracy
+from .methods import amnesiac
 from .models import DigitsCNN
 from .training import fit
 

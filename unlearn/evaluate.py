@@ -9,7 +9,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .loops import _device, _xy, accuracy, as_loader
+from ._batches import as_loader, device_of, xy
+from .metrics import accuracy
 
 __all__ = ["evaluate", "sample_features", "membership_attack", "param_distance"]
 
@@ -19,10 +20,10 @@ def sample_features(model: torch.nn.Module, data: Dataset | DataLoader) -> np.nd
     """Per-sample attack features: loss, top-1 confidence, prediction entropy."""
     was = model.training
     model.eval()
-    dev = _device(model)
+    dev = device_of(model)
     rows = []
     for batch in as_loader(data, batch_size=512):
-        x, y = _xy(batch, dev)
+        x, y = xy(batch, dev)
         logits = model(x).float()
         logp = F.log_softmax(logits, 1)
         loss = F.nll_loss(logp, y, reduction="none")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from updatestore.config import _check_ratio, match_layers
-from updatestore.errors import ConfigError
-from updatestore.pruning import kept_count
+from updatestore import ConfigError, check_ratio, kept_count, match_layers
 
 __all__ = ["PartialUpdate"]
 
@@ -33,7 +31,7 @@ class PartialUpdate:
 
     def __init__(self, model: torch.nn.Module, ratio: float, *, select: str = "mmax",
                  layers: list[str] | str | None = None, seed: int | None = None) -> None:
-        self.ratio = _check_ratio(ratio, "partial ratio")
+        self.ratio = check_ratio(ratio, "partial ratio")
         if select not in ("mmax", "random"):
             raise ConfigError(f"select must be 'mmax' (largest |gradient|) or 'random', got {select!r}")
         self.select = select

@@ -1,67 +1,58 @@
 """updatestore: layer-wise pruned per-step parameter updates in a Zarr v3 store.
 
+Everything public is re-exported here (``__all__``); modules starting with ``_``
+are internal and may change between releases.
+
 >>> from updatestore import UpdateStore
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .config import StoreConfig  # noqa: E402
-from .errors import (  # noqa: E402
-    ConfigError,
-    CorruptStoreError,
-    ModelMismatchError,
-    NonFiniteUpdateError,
-    NotAStoreError,
-    ReadOnlyStoreError,
-    RecorderError,
-    SampleIdError,
-    StoreExistsError,
-    StoreNotFoundError,
-    UnlearnError,
-    UnsupportedFormatError,
-    UpdateStoreError,
-    WriterError,
-)
-from .footprint import Footprint  # noqa: E402
-from .lock import StoreLockedError  # noqa: E402
-from .layout import (  # noqa: E402
+from ._format import (  # noqa: E402
     FORMAT_VERSION,
+    PURGED_ID,
     STATUS_NOT_STORED,
     STATUS_PURGED,
     STATUS_RECORDED,
     STATUS_SKIPPED,
     LayerSpec,
 )
+from ._index import as_sample_ids  # noqa: E402
+from ._reader import Rows  # noqa: E402
+from .config import StoreConfig, check_ratio, kept_count, match_layers, resolve_keep  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    CorruptStoreError,
+    ModelMismatchError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RecorderError,
+    SampleIdError,
+    StepError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreNotFoundError,
+    UnsupportedFormatError,
+    UpdateStoreError,
+    WriterError,
+)
+from .footprint import Footprint  # noqa: E402
+from .ledger import hash_ids, ids_in_ledger, subtracted_in_lineage, weights_fingerprint  # noqa: E402
 from .recorder import Recorder  # noqa: E402
 from .sampler import OwnerBatchSampler  # noqa: E402
 from .store import UpdateStore  # noqa: E402
 
 __all__ = [
     "__version__",
-    "FORMAT_VERSION",
-    "STATUS_SKIPPED",
-    "STATUS_RECORDED",
-    "STATUS_NOT_STORED",
-    "STATUS_PURGED",
-    "UpdateStore",
-    "Recorder",
-    "OwnerBatchSampler",
-    "StoreConfig",
-    "LayerSpec",
-    "Footprint",
-    "UpdateStoreError",
-    "StoreNotFoundError",
-    "StoreExistsError",
-    "NotAStoreError",
-    "UnsupportedFormatError",
-    "ConfigError",
-    "ModelMismatchError",
-    "ReadOnlyStoreError",
-    "RecorderError",
-    "SampleIdError",
-    "WriterError",
-    "CorruptStoreError",
-    "StoreLockedError",
-    "UnlearnError",
-    "NonFiniteUpdateError",
+    # the store and recording
+    "UpdateStore", "Recorder", "Rows", "OwnerBatchSampler", "StoreConfig", "LayerSpec", "Footprint",
+    # format constants
+    "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED", "STATUS_PURGED", "PURGED_ID",
+    # helpers shared with unlearning methods
+    "as_sample_ids", "check_ratio", "kept_count", "match_layers", "resolve_keep",
+    "weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger",
+    # errors
+    "UpdateStoreError", "StoreNotFoundError", "StoreExistsError", "NotAStoreError", "UnsupportedFormatError",
+    "ConfigError", "ModelMismatchError", "ReadOnlyStoreError", "RecorderError", "SampleIdError", "StepError",
+    "WriterError", "CorruptStoreError", "StoreLockedError",
 ]

@@ -11,17 +11,23 @@ from typing import Any, Union
 
 from .errors import ConfigError
 
-__all__ = ["StoreConfig", "VALUE_DTYPES", "POSITION_ENCODINGS", "resolve_keep", "match_layers"]
+__all__ = ["StoreConfig", "VALUE_DTYPES", "POSITION_ENCODINGS", "resolve_keep", "match_layers", "check_ratio",
+           "kept_count"]
 
 #: Value dtypes a store can keep its pruned updates in.
 VALUE_DTYPES = ("bfloat16", "float16", "float32")
-#: How the positions of kept entries are written. ``auto`` picks per layer (see layout.py).
+#: How the positions of kept entries are written. ``auto`` picks per layer (see FORMAT.md).
 POSITION_ENCODINGS = ("auto", "bitmap", "gaps")
 
 KeepSpec = Union[float, Mapping[str, float]]
 
 
-def _check_ratio(value: Any, what: str) -> float:
+def check_ratio(value: Any, what: str) -> float:
+    """``value`` as a float in (0, 1], or a ``ConfigError`` naming ``what``.
+
+    >>> check_ratio(0.25, "keep")
+    0.25
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{what} must be a number in (0, 1], got {value!r}")
     value = float(value)
@@ -30,6 +36,16 @@ def _check_ratio(value: Any, what: str) -> float:
             f"{what} must be in (0, 1] (the fraction of each layer's entries kept), got {value!r}"
         )
     return value
+
+
+def kept_count(keep: float, numel: int) -> int:
+    """k = ceil(keep × numel), at least 1 and at most numel: the entries kept per step.
+
+    >>> kept_count(0.1, 1000), kept_count(0.001, 10), kept_count(1.0, 7)
+    (100, 1, 7)
+    """
+    # round() first so that 0.1 * 1000 = 100.00000000000001 does not become 101.
+    return max(1, min(numel, math.ceil(round(keep * numel, 9))))
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -69,9 +85,9 @@ def resolve_keep(keep: KeepSpec, names: Sequence[str]) -> dict[str, float]:
     {'conv.weight': 0.1, 'fc.weight': 0.5}
     """
     if not isinstance(keep, Mapping):
-        ratio = _check_ratio(keep, "keep")
+        ratio = check_ratio(keep, "keep")
         return {n: ratio for n in names}
-    ratios = {str(p): _check_ratio(r, f"keep[{p!r}]") for p, r in keep.items()}
+    ratios = {str(p): check_ratio(r, f"keep[{p!r}]") for p, r in keep.items()}
     out: dict[str, float] = {}
     used: set[str] = set()
     for name in names:
@@ -120,10 +136,10 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if isinstance(self.keep, Mapping):
             for p, r in self.keep.items():
-                _check_ratio(r, f"keep[{p!r}]")
+                check_ratio(r, f"keep[{p!r}]")
             object.__setattr__(self, "keep", dict(self.keep))
         else:
-            object.__setattr__(self, "keep", _check_ratio(self.keep, "keep"))
+            object.__setattr__(self, "keep", check_ratio(self.keep, "keep"))
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.positions not in POSITION_ENCODINGS:

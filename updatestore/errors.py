@@ -19,8 +19,8 @@ __all__ = [
     "SampleIdError",
     "WriterError",
     "CorruptStoreError",
-    "UnlearnError",
-    "NonFiniteUpdateError",
+    "StepError",
+    "StoreLockedError",
 ]
 
 
@@ -72,9 +72,9 @@ class CorruptStoreError(UpdateStoreError, ValueError):
     """Stored data failed its checksum or does not decode; names the layer and steps."""
 
 
-class UnlearnError(UpdateStoreError, RuntimeError):
-    """Unlearning could not be carried out; the model is left unchanged."""
+class StepError(UpdateStoreError, IndexError):
+    """Steps are not integers, or not within the store's committed steps."""
 
 
-class NonFiniteUpdateError(UnlearnError, FloatingPointError):
-    """The unlearning delta of a layer holds NaN or infinity; nothing was applied."""
+class StoreLockedError(UpdateStoreError, BlockingIOError):
+    """Another live process (or handle) is writing to the store."""

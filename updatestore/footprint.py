@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Footprint"]
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+
+from ._format import STATUS_RECORDED, LayerSpec, paths
+from ._lock import LOCK_NAME
+
+__all__ = ["Footprint", "measure"]
 
 
 def _human(n: float) -> str:
@@ -62,3 +69,26 @@ class Footprint:
             share = f"  ({nbytes / full:.2%} of its full log)" if full else ""
             lines.append(f"  {name:<{width}}  {_human(nbytes):>10}{share}")
         return "\n".join(lines)
+
+
+def measure(store: Store, specs: tuple[LayerSpec, ...], status: np.ndarray) -> Footprint:
+    """Sizes from the backend (not counted as reads) against a dense float32 log of the stored steps."""
+
+    def size(prefix: str) -> int:
+        return int(sync(store.getsize_prefix(prefix)))
+
+    layer_bytes = {s.name: size(f"{s.path}/") for s in specs}
+    total = size("")
+    if sync(store.exists(LOCK_NAME)):  # the writer lock is not part of the data
+        total -= int(sync(store.getsize(LOCK_NAME)))
+    stored = int((status == STATUS_RECORDED).sum())
+    numel = sum(s.numel for s in specs)
+    return Footprint(
+        total_bytes=total,
+        layer_bytes=layer_bytes,
+        index_bytes=sum(size(f"{g}/") for g in paths.NON_LAYER_GROUPS),
+        full_log_bytes=stored * numel * 4,
+        stored_steps=stored,
+        kept_fraction=sum(s.k for s in specs) / numel,
+        per_layer_full={s.name: stored * s.numel * 4 for s in specs},
+    )

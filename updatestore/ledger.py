@@ -1,5 +1,8 @@
 """The audit ledger: one entry per unlearning, stored in the store itself (JSON attributes).
 
+Read, append and update go through :class:`~updatestore.UpdateStore` (``ledger()``,
+``log_unlearning()``, ``update_ledger()``); the helpers here compute what an entry holds.
+
 Sample IDs are kept only as SHA-256 digests, so purging a request's IDs from the
 sample index also removes them in clear from disk. (A digest of a small integer
 can be reversed by enumerating the ID space; it keeps IDs out of plain sight, no more.)
@@ -14,8 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
-__all__ = ["weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger", "now"]
+from ._format import LEDGER, paths
+from .errors import NotAStoreError
+
+__all__ = ["weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger", "now",
+           "read_entries", "append_entry", "update_entry"]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -64,3 +72,36 @@ def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
     """Mask over ``ids``: which appear in some ledger entry."""
     known = {h for e in entries for h in e.get("sample_id_sha256", [])}
     return np.array([h in known for h in hash_ids(ids)], dtype=bool)
+
+
+def read_entries(root: zarr.Group, where: str) -> list[dict[str, Any]]:
+    """The ledger's entries (empty when nothing was unlearned yet)."""
+    if paths.LEDGER not in root:
+        return []
+    present, entries = LEDGER.read(root)
+    if not present or not isinstance(entries, list):
+        raise NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged")
+    return entries
+
+
+def _write(root: zarr.Group, entries: list[dict[str, Any]]) -> None:
+    if paths.LEDGER not in root:
+        root.create_group(paths.LEDGER)
+    LEDGER.write(root, entries)  # one atomic write of the whole ledger
+
+
+def append_entry(root: zarr.Group, where: str, entry: dict[str, Any]) -> int:
+    """Append ``entry``; returns its index."""
+    entries = read_entries(root, where)
+    entries.append(dict(entry))
+    _write(root, entries)
+    return len(entries) - 1
+
+
+def update_entry(root: zarr.Group, where: str, index: int, **fields: Any) -> None:
+    """Set ``fields`` on entry ``index``."""
+    entries = read_entries(root, where)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(entries):
+        raise IndexError(f"{where}: the audit ledger has no entry {index!r} ({len(entries)} entries)")
+    entries[index] = dict(entries[index], **fields)
+    _write(root, entries)

@@ -1,6 +1,7 @@
-"""Attach a store to a training loop: capture Δθ per optimizer step, prune on device.
+"""Attach a store to a training loop: capture Δθ per optimizer step, prune it on the device.
 
-The recorder never touches Zarr: it hands host-side pruned rows to the writer.
+The recorder knows a sink (``put``/``close``), never the store or Zarr: it hands
+each step's pruned tensors to the sink, which encodes and writes them on its own thread.
 """
 
 from __future__ import annotations
@@ -8,27 +9,39 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .encoding import encode_positions_torch, values_to_numpy
+from ._format import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec
+from ._index import as_sample_ids
+from ._pruning import prune_topk
+from ._writer import StepRecord
+from .distributed import gather_ids, world
 from .errors import RecorderError
-from .index import as_sample_ids
-from .layout import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED
-from .pruning import prune_topk
-from .writer import StepRecord
 
-if TYPE_CHECKING:
-    from .store import UpdateStore
-
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "StepSink"]
 
 # Optimizers with a recorder attached. Kept here, not as an attribute on the
 # user's optimizer, so that we never mutate objects we do not own.
 _ATTACHED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+class StepSink(Protocol):
+    """Where a recorder hands its steps: opened on attach, closed on detach."""
+
+    def open(self) -> None: ...
+    def put(self, record: StepRecord) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Discard:
+    """The sink of a DDP rank > 0: its IDs reach rank 0 through the all-gather; nothing is written here."""
+
+    def open(self) -> None: ...
+    def put(self, record: StepRecord) -> None: ...
+    def close(self) -> None: ...
 
 
 class Recorder:
@@ -49,31 +62,24 @@ class Recorder:
     ...             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
     """
 
-    def __init__(self, store: "UpdateStore | None", model: torch.nn.Module,
+    def __init__(self, sink: StepSink | None, params: Any,
                  optimizer: torch.optim.Optimizer | None = None, *, watch: Any = None,
                  process_group: Any = None) -> None:
         self._group = process_group
-        self._world, self._rank = 1, 0
-        if process_group is not None or (dist.is_available() and dist.is_initialized()):
-            self._world = dist.get_world_size(process_group)
-            self._rank = dist.get_rank(process_group)
-        if self._world > 1 and (store is None) != (self._rank != 0):
-            raise RecorderError(
-                f"with torch.distributed, rank 0 records into the store and every other rank passes store=None "
-                f"(Recorder(None, model, optimizer)); this is rank {self._rank} "
-                f"{'without' if store is None else 'with'} a store"
-            )
-        if store is None and self._world == 1:
-            raise RecorderError("a recorder needs a store (store=None is for ranks > 0 of a distributed run)")
-        if store is not None:
-            store._require_writable("record")
-            self._params = store._match_model(model)
-        else:
-            self._params = []
-        self._store = store
+        self._world, self._rank = world(process_group)
+        if sink is None:  # Recorder(None, model, opt): a DDP rank > 0 contributes its IDs only
+            if self._world == 1:
+                raise RecorderError("a recorder needs a store (store=None is for ranks > 0 of a distributed run)")
+            if self._rank == 0:
+                raise RecorderError(
+                    "with torch.distributed, rank 0 records into the store and every other rank passes store=None "
+                    "(Recorder(None, model, optimizer)); this is rank 0 without a store"
+                )
+            sink, params = _Discard(), []
+        self._sink: StepSink = sink
+        self._params: list[tuple[LayerSpec, torch.nn.Parameter]] = list(params)
         self._optimizer = optimizer
         self._watch = None if watch is None else np.unique(as_sample_ids(watch, what="watch"))
-        self._value_dtype = store.value_dtype if store is not None else "float32"
         self._handles: list[Any] = []
         self._before: list[torch.Tensor] | None = None
         self._pending: list[np.ndarray] = []
@@ -89,21 +95,17 @@ class Recorder:
         if self._attached:
             raise RecorderError("this recorder is already attached; use one `with store.recorder(...)` block")
         opt = self._optimizer
+        if opt is not None and opt in _ATTACHED:
+            raise RecorderError(
+                "this optimizer already has an update-store recorder attached; "
+                "detach it (leave its `with` block) before attaching another"
+            )
+        self._sink.open()
         if opt is not None:
-            if opt in _ATTACHED:
-                raise RecorderError(
-                    "this optimizer already has an update-store recorder attached; "
-                    "detach it (leave its `with` block) before attaching another"
-                )
-            self._handles = [
-                opt.register_step_pre_hook(self._pre_step),
-                opt.register_step_post_hook(self._post_step),
-            ]
+            self._handles = [opt.register_step_pre_hook(self._pre_step), opt.register_step_post_hook(self._post_step)]
             _ATTACHED.add(opt)
-        if self._store is not None:
-            self._store._open_writer(self)
         self._attached = True
-        if opt is None and self._store is not None:
+        if opt is None:
             self._snapshot()
         return self
 
@@ -117,8 +119,7 @@ class Recorder:
         if self._optimizer is not None:
             _ATTACHED.discard(self._optimizer)
         self._attached = False
-        if self._store is not None:
-            self._store._close_writer(self)
+        self._sink.close()
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -153,12 +154,7 @@ class Recorder:
         finally:
             self._in_batch = False
         if self._steps_in_batch == 0 and not accumulate:
-            ids = self._take_ids()
-            if self._world > 1:
-                ids = self._gather(ids)
-                if self._store is None:
-                    return
-            self._emit(StepRecord(STATUS_SKIPPED, ids))
+            self._emit(StepRecord(STATUS_SKIPPED, self._step_ids()))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._in_batch:
@@ -169,7 +165,7 @@ class Recorder:
         if self._steps_in_batch:
             raise RecorderError("optimizer.step() was called twice inside one rec.batch(...) block")
         # With several ranks the watch decision needs every rank's IDs: snapshot always.
-        if self._store is not None and (self._world > 1 or self._wanted(self._pending)):
+        if self._world > 1 or self._wanted(self._pending):
             self._snapshot()
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -184,8 +180,7 @@ class Recorder:
             raise RecorderError("this recorder hooks the optimizer; use `with rec.batch(ids):` instead of rec.step")
         self._pending.append(as_sample_ids(ids))
         self._record_step()
-        if self._store is not None:
-            self._snapshot()
+        self._snapshot()
 
     # ------------------------------------------------------------ internals
     def _require_attached(self) -> None:
@@ -198,12 +193,13 @@ class Recorder:
         ids = np.concatenate(pending) if pending else np.zeros(0, np.int64)
         return bool(np.isin(ids, self._watch, assume_unique=False).any())
 
-    def _take_ids(self) -> np.ndarray:
+    def _step_ids(self) -> np.ndarray:
+        """This step's IDs (every rank's, under torch.distributed); clears the pending ones."""
         ids = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int64)
         if ids.size == 0:
             raise RecorderError("a step was recorded without sample IDs; pass the batch's IDs to rec.step(ids)")
         self._pending = []
-        return ids
+        return gather_ids(ids, self._group) if self._world > 1 else ids
 
     @torch.no_grad()
     def _snapshot(self) -> None:
@@ -214,54 +210,26 @@ class Recorder:
                 buf.copy_(p.detach())
         self._snap_valid = True
 
-    def _gather(self, ids: np.ndarray) -> np.ndarray:
-        """Every rank's IDs of this step, in rank order (two tensor all-gathers, no pickle)."""
-        dev = (torch.device("cuda", torch.cuda.current_device())
-               if dist.get_backend(self._group) == "nccl" else torch.device("cpu"))
-        n = torch.tensor([len(ids)], dtype=torch.int64, device=dev)
-        sizes = [torch.zeros_like(n) for _ in range(self._world)]
-        dist.all_gather(sizes, n, group=self._group)
-        width = int(max(int(s) for s in sizes))
-        buf = torch.zeros(width, dtype=torch.int64, device=dev)
-        buf[: len(ids)] = torch.from_numpy(ids).to(dev)
-        parts = [torch.zeros_like(buf) for _ in range(self._world)]
-        dist.all_gather(parts, buf, group=self._group)
-        return np.concatenate([p[: int(s)].cpu().numpy() for p, s in zip(parts, sizes)])
-
     @torch.no_grad()
     def _record_step(self) -> None:
-        ids = self._take_ids()
-        if self._world > 1:
-            ids = self._gather(ids)
-            if self._store is None:  # ranks > 0: the IDs are all they contribute
-                self.steps_recorded += 1
-                return
-        wanted = self._wanted([ids])
-        if not wanted:
+        ids = self._step_ids()
+        if not self._wanted([ids]):
             self._emit(StepRecord(STATUS_NOT_STORED, ids))
             return
-        if not self._snap_valid:
+        if not self._snap_valid or self._before is None:
             raise RecorderError("internal: no parameter snapshot before this step")
-        self._snap_valid = self._optimizer is None
-        changed = None
-        on_device = []
-        for buf, (spec, p) in zip(self._before, self._params):
-            # Δθ = θ_after − θ_before, written into the snapshot buffer (no new allocation).
-            delta = torch.sub(p.detach(), buf, out=buf) if self._optimizer is not None else p.detach() - buf
-            vals, pos = prune_topk(delta, spec.k)
-            # The kept entries are the largest |Δ|: the layer changed iff one of them is non-zero.
-            nz = vals.ne(0).any()
-            changed = nz if changed is None else changed | nz
-            on_device.append((vals, pos))
-        if not bool(changed):  # one device sync per step
-            self._emit(StepRecord(STATUS_SKIPPED, ids))
-            return
+        hooked = self._optimizer is not None
+        self._snap_valid = not hooked
         rows = []
-        for (spec, _), (vals, pos) in zip(self._params, on_device):
-            host_pos = None if pos is None else encode_positions_torch(pos, spec.numel, spec.positions)
-            rows.append((values_to_numpy(vals, self._value_dtype), host_pos))
+        for buf, (spec, p) in zip(self._before, self._params):
+            # Hook mode: Δθ = θ_after − θ_before is written into the snapshot buffer (no allocation);
+            # a dense layer's values are that buffer, so they are copied before the next snapshot.
+            delta = torch.sub(p.detach(), buf, out=buf) if hooked else p.detach() - buf
+            vals, pos = prune_topk(delta, spec.k)
+            rows.append((vals.clone() if pos is None and hooked else vals, pos))
+        # Whether the step changed anything is decided by the writer, off this thread (no device sync here).
         self._emit(StepRecord(STATUS_RECORDED, ids, rows))
 
     def _emit(self, record: StepRecord) -> None:
-        self._store._writer_put(record)
+        self._sink.put(record)
         self.steps_recorded += 1

@@ -1,35 +1,42 @@
-"""Background writer: encodes pruned rows, buffers a block of steps, writes it, commits.
+"""Background writer: encodes pruned rows off the training thread, buffers a block of steps, commits.
 
 Commit protocol: a block's chunks are written first (every layer, then the
-step and sample arrays), and only then is the commit record ``steps`` attrs
-(``num_steps``, ``num_samples``) rewritten — one small atomic JSON write.
-Readers trust the commit record, so a crash mid-block never shows a half step.
+step and sample arrays), and only then is the commit record (``steps``
+attributes: ``num_steps``, ``num_samples``) rewritten — one small atomic JSON
+write. Readers trust the commit record, so a crash mid-block never shows a half step.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
+import zarr
 
-from .errors import WriterError
-from .layout import LayerSpec, STATUS_RECORDED, write_counts
+from ._codecs import positions_codec, values_codec
+from ._format import COUNTS, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from .errors import RecorderError, WriterError
 
-__all__ = ["StepRecord", "BlockWriter"]
+__all__ = ["StepRecord", "BlockWriter", "WriterSink"]
 
 
 @dataclass
 class StepRecord:
-    """One optimizer step, as the recorder hands it over (already on the host)."""
+    """One optimizer step as the recorder hands it over.
+
+    ``rows`` holds, per layer in the store's order, the pruned ``(values, positions)``
+    tensors on the parameters' device (positions ``None`` for a dense layer); they
+    are never written to again by the recorder. ``None`` when the status stores no update.
+    """
 
     status: int
     ids: np.ndarray
-    # Per layer (same order as the store's specs): stored-dtype values and the
-    # encoded positions row (bitmap bytes or gaps; None for dense layers).
-    # None when the status stores no update.
-    rows: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 _FLUSH = object()
@@ -41,28 +48,30 @@ class BlockWriter:
 
     ``put`` blocks when ``max_queue`` steps wait (back-pressure). An exception in
     the thread is re-raised as ``WriterError`` by the next ``put``/``flush``/``close``.
+    A recorded step whose kept values are all zero (the optimizer changed nothing,
+    e.g. AMP skipped it) is stored as skipped.
     """
 
-    def __init__(self, root, specs: list[LayerSpec], block: int, num_steps: int,
-                 num_samples: int, *, max_queue: int = 8) -> None:
+    def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
+                 num_samples: int, *, max_queue: int = 8,
+                 on_close: Callable[["BlockWriter"], None] | None = None) -> None:
         self._root = root
         self._specs = specs
         self._block = block
-        self._arrays = [
-            (root[f"{s.path}/values"], root[f"{s.path}/positions"] if s.positions != "dense" else None)
-            for s in specs
-        ]
-        self._status_arr = root["steps/status"]
-        self._end_arr = root["steps/sample_end"]
-        self._ids_arr = root["samples/ids"]
+        self._values = values_codec(value_dtype)
+        self._codecs = [positions_codec(s.positions) for s in specs]
+        self._arrays = [(root[paths.values(s.name)], root[paths.positions(s.name)] if c.stored else None)
+                        for s, c in zip(specs, self._codecs)]
+        self._status_arr = root[paths.STATUS]
+        self._end_arr = root[paths.SAMPLE_END]
+        self._ids_arr = root[paths.SAMPLE_IDS]
+        self._on_close = on_close
         self.committed_steps = num_steps
         self.committed_samples = num_samples
         self._start = (num_steps // block) * block  # first step of the buffered block
         self._n = num_steps - self._start  # rows buffered in the block
         self._vals = [np.zeros((block,) + a[0].shape[1:], dtype=a[0].dtype) for a in self._arrays]
-        self._pos = [
-            None if p is None else np.zeros((block,) + p.shape[1:], dtype=p.dtype) for _, p in self._arrays
-        ]
+        self._pos = [None if p is None else np.zeros((block,) + p.shape[1:], dtype=p.dtype) for _, p in self._arrays]
         self._status = np.zeros(block, dtype=np.uint8)
         self._ends = np.zeros(block, dtype=np.int64)
         self._pending_ids: list[np.ndarray] = []
@@ -90,11 +99,15 @@ class BlockWriter:
         self._check()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put((_STOP, done))
-            self._thread.join()
-        self._check()
+        try:
+            if self._thread.is_alive():
+                self._queue.put((_STOP, threading.Event()))
+                self._thread.join()
+            self._check()
+        finally:
+            if self._on_close is not None:
+                on_close, self._on_close = self._on_close, None
+                on_close(self)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -124,12 +137,16 @@ class BlockWriter:
 
     def _add(self, rec: StepRecord) -> None:
         r = self._n
-        self._status[r] = rec.status
-        if rec.rows is not None and rec.status == STATUS_RECORDED:
-            for i, (vals, pos) in enumerate(rec.rows):
-                self._vals[i][r] = vals
-                if pos is not None:
-                    self._pos[i][r] = pos
+        status = rec.status
+        # The kept entries are each layer's largest |Δ|: the step changed the model iff one is non-zero.
+        if status == STATUS_RECORDED and not any(bool(v.ne(0).any()) for v, _ in rec.rows or []):
+            status = STATUS_SKIPPED
+        self._status[r] = status
+        if status == STATUS_RECORDED:
+            for i, ((vals, pos), spec, codec) in enumerate(zip(rec.rows, self._specs, self._codecs)):
+                self._vals[i][r] = self._values.to_numpy(vals)
+                if self._pos[i] is not None:
+                    self._pos[i][r] = codec.encode(pos, spec.numel)
         else:
             # Rows of steps without a stored update are zeros (Zarr skips empty chunks).
             for i in range(len(self._specs)):
@@ -153,13 +170,12 @@ class BlockWriter:
 
     def _write_rows(self, a: int, b: int, n: int) -> None:
         for (varr, parr), vbuf, pbuf in zip(self._arrays, self._vals, self._pos):
-            if varr.shape[0] < b:
-                varr.resize((b,) + varr.shape[1:])
-            varr[a:b] = vbuf[:n]
-            if parr is not None:
-                if parr.shape[0] < b:
-                    parr.resize((b,) + parr.shape[1:])
-                parr[a:b] = pbuf[:n]
+            for arr, buf in ((varr, vbuf), (parr, pbuf)):
+                if arr is None:
+                    continue
+                if arr.shape[0] < b:
+                    arr.resize((b,) + arr.shape[1:])
+                arr[a:b] = buf[:n]
         c = self.committed_steps  # steps before c are already in the step arrays
         for arr, buf in ((self._status_arr, self._status), (self._end_arr, self._ends)):
             if arr.shape[0] < b:
@@ -171,7 +187,7 @@ class BlockWriter:
             if self._ids_arr.shape[0] < m1:
                 self._ids_arr.resize((m1,))
             self._ids_arr[m0:m1] = new_ids
-        write_counts(self._root, b, m1)  # the commit point
+        COUNTS.write(self._root, b, m1)  # the commit point
         self.committed_steps, self.committed_samples = b, m1
         self._pending_ids = []
 
@@ -183,3 +199,29 @@ class BlockWriter:
                 self._pos[i][: self._n] = parr[a:b]
         self._status[: self._n] = self._status_arr[a:b]
         self._ends[: self._n] = self._end_arr[a:b]
+
+
+class WriterSink:
+    """A recorder's sink: asks for a writer on attach (``open_writer(self)``), closes it on detach.
+
+    ``recorder`` is set by whoever pairs the sink with a recorder, so that closing
+    the store can detach it (remove its optimizer hooks) first.
+    """
+
+    def __init__(self, open_writer: Callable[["WriterSink"], BlockWriter]) -> None:
+        self._open_writer = open_writer
+        self._writer: BlockWriter | None = None
+        self.recorder: Any = None
+
+    def open(self) -> None:
+        self._writer = self._open_writer(self)
+
+    def put(self, record: StepRecord) -> None:
+        if self._writer is None:
+            raise RecorderError("the store's writer is closed; record inside `with store.recorder(...)`")
+        self._writer.put(record)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()

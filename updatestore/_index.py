@@ -1,4 +1,4 @@
-"""Sample IDs per step and the inverse index that answers "which steps saw these samples"."""
+"""Sample IDs per step, the inverse index ("which steps saw these samples"), and its persisted cache."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SampleIdError
+import zarr
 
-__all__ = ["as_sample_ids", "SampleIndex"]
+from ._format import INDEX_RECORD, STATUS_PURGED
+from ._format import paths
+from .errors import CorruptStoreError, SampleIdError, StepError
+
+__all__ = ["as_sample_ids", "as_steps", "SampleIndex", "StepTable"]
 
 
 def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
@@ -47,6 +51,22 @@ def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
     if (out == np.iinfo(np.int64).min).any():
         raise SampleIdError(f"{what}: -2**63 is reserved (it marks purged IDs on disk)")
     return out
+
+
+def as_steps(steps: Any, num_steps: int, *, where: str = "the store") -> np.ndarray:
+    """Step numbers as int64, each in ``0..num_steps-1``; floats, strings and bools are refused.
+
+    >>> as_steps([3, 1], 5).tolist()
+    [3, 1]
+    """
+    try:
+        arr = as_sample_ids(steps, what="steps")
+    except SampleIdError as exc:
+        raise StepError(str(exc)) from None
+    if arr.size and (arr.min() < 0 or arr.max() >= num_steps):
+        raise StepError(f"steps out of range: {where} has {num_steps} committed steps (0..{num_steps - 1}), "
+                        f"got {arr.min()}..{arr.max()}")
+    return arr
 
 
 class SampleIndex:
@@ -123,3 +143,71 @@ class SampleIndex:
         lengths = self.ends[steps] - starts
         pos = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
         return self.ids[pos]
+
+
+class StepTable:
+    """The committed steps' statuses and sample index, loaded once per step count.
+
+    The sorted index of earlier steps comes from this table's previous load or
+    from the copy persisted in the store, so only newer steps are sorted.
+    """
+
+    def __init__(self, root: zarr.Group, where: str) -> None:
+        self._root = root
+        self._where = where
+        self.index: SampleIndex | None = None
+        self.status: np.ndarray | None = None
+
+    def load(self, n: int, m: int) -> tuple[SampleIndex, np.ndarray]:
+        """Index and statuses of the first ``n`` steps (``m`` sample IDs)."""
+        if self.index is not None and self.index.num_steps == n and self.status is not None:
+            return self.index, self.status
+        root = self._root
+        try:
+            ends = root[paths.SAMPLE_END][:n] if n else np.zeros(0, np.int64)
+            ids = root[paths.SAMPLE_IDS][:m] if m else np.zeros(0, np.int64)
+            status = root[paths.STATUS][:n] if n else np.zeros(0, np.uint8)
+        except Exception as exc:  # checksum or codec failure in the step table
+            raise CorruptStoreError(f"store {self._where}: the step table or sample index cannot be read: "
+                                    f"{exc}") from exc
+        if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
+            raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
+        if (status > STATUS_PURGED).any():
+            raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
+        self.index = SampleIndex(ids, ends, presorted=self._presorted(n, ends))
+        self.status = status
+        return self.index, self.status
+
+    def invalidate(self) -> None:
+        self.index = self.status = None
+
+    def forget_persisted(self) -> None:
+        """Mark the persisted sorted index as covering nothing (before it is rewritten)."""
+        INDEX_RECORD.write(self._root, 0, 0)
+
+    def _presorted(self, n: int, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        if self.index is not None and self.index.num_steps <= n:
+            return self.index.sorted_ids, self.index.sorted_steps, self.index.num_steps
+        record = INDEX_RECORD.read(self._root)
+        if record is None or record[0] == 0 or record[0] > n or record[1] != int(ends[record[0] - 1]):
+            return None
+        try:
+            m0 = record[1]
+            return self._root[paths.SORTED_IDS][:m0], self._root[paths.SORTED_STEPS][:m0], record[0]
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the sample IDs, the source of truth
+            return None
+
+    def persist(self, n: int, m: int, *, force: bool = False) -> None:
+        """Write the sorted index for the next open, when the part it lacks has grown
+        past a quarter of it (amortised O(samples), not a rewrite per recording)."""
+        record = INDEX_RECORD.read(self._root) or (0, 0)
+        if n == 0 or (not force and m - record[1] <= record[1] // 4):
+            return
+        index, _ = self.load(n, m)
+        size = len(index.sorted_ids)
+        for path, values in ((paths.SORTED_IDS, index.sorted_ids), (paths.SORTED_STEPS, index.sorted_steps)):
+            arr = self._root[path]
+            if arr.shape[0] < size:
+                arr.resize((size,))
+            arr[:size] = values
+        INDEX_RECORD.write(self._root, index.num_steps, size)

@@ -8,15 +8,11 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import UpdateStoreError
+from .errors import StoreLockedError
 
-__all__ = ["StoreLockedError", "WriterLock", "LOCK_NAME"]
+__all__ = ["WriterLock", "LOCK_NAME"]
 
 LOCK_NAME = "updatestore.lock"
-
-
-class StoreLockedError(UpdateStoreError, BlockingIOError):
-    """Another live process (or handle) is writing to the store."""
 
 
 def _alive(pid: int) -> bool:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["kept_count", "prune_topk", "radix_select"]
+__all__ = ["prune_topk", "radix_select"]
 
 #: On the CPU, layers with at least this many entries use radix selection
 #: (4× faster than ``torch.topk`` + sort at 4M entries, measured in
 #: benchmarks/speed.py's recording figures); smaller ones and GPUs use topk.
 RADIX_MIN_NUMEL = 65536
-
-
-def kept_count(keep: float, numel: int) -> int:
-    """k = ceil(keep × numel), at least 1 and at most numel.
-
-    >>> kept_count(0.1, 1000), kept_count(0.001, 10), kept_count(1.0, 7)
-    (100, 1, 7)
-    """
-    # round() first so that 0.1 * 1000 = 100.00000000000001 does not become 101.
-    return max(1, min(numel, math.ceil(round(keep * numel, 9))))
 
 
 def _split(keys: torch.Tensor, nbins: int, k: int) -> tuple[int, int]:

@@ -1,0 +1,199 @@
+"""Amnesiac and partial amnesiac unlearning: subtract the stored updates of the steps that used
+the samples to forget (Graves et al. 2021; Gogineni & Nadimi 2024)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from updatestore import ConfigError, LayerSpec, UpdateStore, kept_count, resolve_keep
+
+from ..choice import Auto, choose, legacy_auto
+from ..errors import NonFiniteUpdateError
+from ..report import UnlearnReport
+from ..request import record, resolve
+
+__all__ = ["amnesiac", "pick_device", "AUTO_CANDIDATES"]
+
+#: Ratios ``keep=Auto(...)`` tries by default (each clipped to what the store recorded).
+AUTO_CANDIDATES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+
+Pairs = list[tuple[LayerSpec, torch.nn.Parameter]]
+
+
+def pick_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` if given (checked); else the model's CUDA device; else CUDA if available; else CPU."""
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device {device!r} is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+        return dev
+    for p in model.parameters():
+        if p.device.type == "cuda":
+            return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: torch.device, block: int,
+                progress: bool, ks: list[list[int]]) -> list[list[torch.Tensor]]:
+    """Σ over ``steps`` of the stored rows per layer, scatter-added on ``device`` (float32).
+
+    ``ks`` lists candidates, each a per-layer count k' ≤ k: a candidate sums only
+    the k' largest-|value| entries of each stored row. All candidates come from
+    one pass over the rows: each row is sorted by magnitude once and the nested
+    prefixes are added. Steps are read in blocks of at most ``block``, every layer
+    of a block in one concurrent fetch, so memory is bounded by one block.
+    """
+    accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs] for _ in ks]
+    names = [spec.name for spec, _ in pairs]
+    chunks = [steps[i : i + block] for i in range(0, len(steps), block)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="unlearning", unit="block", leave=False)
+    for chunk in chunks:
+        rows = store.read(chunk, names)
+        for li, (spec, _) in enumerate(pairs):
+            layer = rows.pop(spec.name).to(device)
+            # Stored rows are the top-k of the true update, so the top-k' of a row
+            # is exactly the top-k' of the true update (k' ≤ k).
+            order = (torch.argsort(layer.values.abs(), dim=1, descending=True)
+                     if any(k[li] < spec.k for k in ks) else None)
+            for acc, k in zip(accs, ks):
+                layer.sum(acc[li], None if k[li] >= spec.k else order[:, : k[li]])
+    return accs
+
+
+def _counts_for(store: UpdateStore, pairs: Pairs, keep: Any, clip: bool = False) -> list[int]:
+    """Per-layer k' for a deletion-time keep (None: as recorded)."""
+    if keep is None:
+        return [spec.k for spec, _ in pairs]
+    ratios = resolve_keep(keep, [spec.name for spec, _ in pairs])
+    out = []
+    for spec, _ in pairs:
+        k = kept_count(ratios[spec.name], spec.numel)
+        if k > spec.k and not clip:
+            raise ConfigError(
+                f"keep {ratios[spec.name]} for layer {spec.name!r} asks for {k} entries per step, but store "
+                f"{store.path} recorded only {spec.k} (keep {spec.keep}); choose keep ≤ {spec.keep}"
+            )
+        out.append(min(k, spec.k))
+    return out
+
+
+def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """θ − Δ per layer, in the parameter's dtype and device, refused if not finite."""
+    out: list[torch.Tensor | None] = []
+    for (spec, p), delta in zip(pairs, deltas):
+        new = p.detach() - delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
+        if not torch.isfinite(new).all():
+            raise NonFiniteUpdateError(
+                f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
+                "nothing was applied (check the store with `updatestore info`)"
+            )
+        out.append(new)
+    return out
+
+
+def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
+    """Copy new values into the parameters; on any failure restore every parameter.
+
+    Each old value is kept just before its parameter is overwritten, and each new
+    value is dropped just after, so peak memory stays near one copy of the model.
+    """
+    olds: list[torch.Tensor] = []
+    with torch.no_grad():
+        try:
+            for i, (_, p) in enumerate(pairs):
+                olds.append(p.detach().clone())
+                p.copy_(new_values[i])
+                new_values[i] = None
+        except BaseException:
+            for (_, p), old in zip(pairs, olds):
+                p.copy_(old)
+            raise
+
+
+def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None, *, owners: Any = None,
+             keep: float | Mapping[str, float] | Auto | None = None, device: str | torch.device | None = None,
+             dry_run: bool = False, block_steps: int = 16, progress: bool = False, ledger: bool = True,
+             purge: bool = True, **legacy: Any) -> UnlearnReport:
+    """Forget ``sample_ids`` (and every sample of ``owners``) by subtracting the stored updates
+    of every step that used them: θ' = θ − Σ_b Δθ_b, with Δθ_b as stored (all of it at
+    keep = 1, the layer-wise top-k otherwise).
+
+    Rows are read in blocks of ``block_steps`` steps and scatter-added on ``device``
+    (CUDA when available), so memory does not grow with the number of steps hit. Every
+    layer's result is checked finite before any parameter changes; a failure leaves
+    the model as it was. Idempotent: steps the audit ledger shows were already
+    subtracted from this very model (by a hash of its weights) are not subtracted
+    again. ``ledger=True`` appends an audit entry; ``purge=True`` then erases the
+    subtracted rows and the forgotten IDs from disk (both need ``"r+"``).
+
+    ``keep`` chooses the pruning at deletion time: only the top-k' of each stored row
+    (k' = ceil(keep × numel) ≤ the recorded k; a float or ``{pattern: ratio}``), or
+    ``Auto(forget=..., validation=...)`` to try several ratios from one pass over the
+    rows and pick one (see :class:`unlearn.Auto`; ``report.candidates`` has the table).
+
+    >>> report = unlearn.amnesiac(model, store, [3, 17, 42], dry_run=True)  # doctest: +SKIP
+    >>> print(report)                                                       # doctest: +SKIP
+    amnesiac: 3/3 samples found; would subtract 5 of 420 steps (1.2%)
+    """
+    t0 = time.perf_counter()
+    unexpected = sorted(set(legacy) - {"forget", "validation", "target", "candidates"})
+    if unexpected:
+        raise TypeError(f"amnesiac() got unexpected keyword arguments {unexpected}")
+    if isinstance(keep, str):
+        if keep != "auto":
+            raise ConfigError(f"keep must be a ratio, a {{pattern: ratio}} mapping, None or Auto(...); got {keep!r}")
+        keep = legacy_auto("keep", legacy.get("forget"), legacy.get("validation"), legacy.get("target"),
+                           legacy.get("candidates"))
+    elif legacy:
+        raise ConfigError(f"{sorted(legacy)} only go with keep='auto'; pass keep=unlearn.Auto(...) instead")
+    if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1:
+        raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block), got {block_steps!r}")
+    pairs = store.check_model(model)
+    dev = pick_device(model, device)
+    auto = isinstance(keep, Auto)
+    ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
+    ks = [_counts_for(store, pairs, r, clip=auto) for r in ratios]
+    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge))
+    read0 = store.bytes_read
+    chosen, table, applied = ks[0], [], False
+    if not dry_run and req.hit.size:
+        news = [_new_values(store, pairs, sums) for sums in _accumulate(store, pairs, req.hit, dev, block_steps,
+                                                                         progress, ks)]
+        best = 0
+        if isinstance(keep, Auto):
+            def build(scratch: torch.nn.Module, ratio: float) -> None:
+                params = dict(scratch.named_parameters())
+                with torch.no_grad():
+                    for (spec, _), value in zip(pairs, news[ratios.index(ratio)]):
+                        params[spec.name].copy_(value)
+
+            best, table, _ = choose(model, keep, ratios, build)
+        chosen = ks[best]
+        new_values = news[best]
+        del news
+        _safe_apply(pairs, new_values)
+        applied = True
+    bytes_read = store.bytes_read - read0  # before the purge, whose rewrites read chunks too
+    method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
+    kept = {spec.name: k for (spec, _), k in zip(pairs, chosen)}
+    entry, purged = (None, False) if dry_run else record(store, req, model, method=method, applied=applied,
+                                                         kept=kept, ledger=ledger, purge=purge)
+    return UnlearnReport(
+        method=method, requested=int(req.ids.size), found=int(req.found.sum()), unknown=req.unknown,
+        steps_hit=req.hit, steps_total=store.num_batches, steps_without_update=req.without_update,
+        collateral=req.collateral, bytes_read=bytes_read, seconds=time.perf_counter() - t0, dry_run=dry_run,
+        applied=applied, device=str(dev), keep={s.name: s.keep for s in store.layers},
+        steps_already_subtracted=int(req.was_done.sum()), steps_unavailable=int(req.unavailable.size),
+        already_forgotten=req.already_forgotten, purged=purged, ledger_entry=entry, candidates=table, kept=kept,
+    )

@@ -1,0 +1,121 @@
+"""Where a store lives: a local path, a ``.zip``, a URL or a Zarr Store → one Zarr store, byte counting, the lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import weakref
+from pathlib import Path
+from typing import Any
+
+import zarr
+import zarr.errors
+from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
+
+from ._lock import WriterLock
+from .errors import ConfigError, NotAStoreError, StoreExistsError, StoreNotFoundError
+
+__all__ = ["PathLike", "CountingStore", "resolve", "local_root", "take_lock", "prepare_new", "check_exists", "open_root"]
+
+PathLike = str | os.PathLike | zarr.abc.store.Store
+
+
+class CountingStore(WrapperStore):
+    """Counts the bytes zarr reads through it (what unlearning reports as bytes read)."""
+
+    def __init__(self, store: zarr.abc.store.Store) -> None:
+        super().__init__(store)
+        self.bytes_read = 0
+
+    async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            self.bytes_read += len(buf)
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):  # type: ignore[no-untyped-def]
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        self.bytes_read += sum(len(b) for b in bufs if b is not None)
+        return bufs
+
+
+def resolve(path: PathLike, *, read_only: bool,
+            storage_options: dict[str, Any] | None = None) -> tuple[zarr.abc.store.Store, str]:
+    """A Zarr store for a local path, a ``.zip`` file (read-only), a URL, or a Store as is;
+    and the text that names it in messages."""
+    if isinstance(path, zarr.abc.store.Store):
+        return path, repr(path)
+    text = str(os.fspath(path))
+    if "://" in text and not text.startswith("file://"):
+        try:
+            store = FsspecStore.from_url(text, storage_options=storage_options, read_only=read_only)
+        except ImportError as exc:
+            raise ConfigError(f"{text}: this URL needs fsspec and its backend ({exc}); e.g. pip install s3fs") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{text} is not a URL zarr can open: {exc}") from None
+        return store, text
+    p = Path(text.removeprefix("file://"))
+    if p.suffix == ".zip":
+        if not read_only:
+            raise ConfigError(f"{p}: zip stores are read-only here (a zip cannot replace the commit record in "
+                              "place); record into a directory and zip it when it is finished")
+        if not p.is_file():
+            raise StoreNotFoundError(f"no update store at {p}: the file does not exist")
+        return ZipStore(p, mode="r"), str(p)
+    return LocalStore(p, read_only=read_only), str(p)
+
+
+def local_root(store: zarr.abc.store.Store) -> Path | None:
+    """The directory of a local store (unwrapping a CountingStore), else None."""
+    inner = store._store if isinstance(store, CountingStore) else store
+    return inner.root if isinstance(inner, LocalStore) else None
+
+
+def take_lock(store: zarr.abc.store.Store, owner: object) -> WriterLock | None:
+    """Take the one-writer lock of a local store; released when ``owner`` is collected, at the latest."""
+    root = local_root(store)
+    if root is None:
+        return None
+    lock = WriterLock(root)
+    lock.acquire()
+    weakref.finalize(owner, lock.release)
+    return lock
+
+
+def prepare_new(store: zarr.abc.store.Store, where: str, overwrite: bool) -> bool:
+    """Make room for a new store; returns whether zarr must still overwrite (non-local stores)."""
+    root = local_root(store)
+    if root is None or not root.exists():
+        return overwrite
+    if not overwrite and (root.is_file() or any(root.iterdir())):
+        raise StoreExistsError(f"{where} already exists and is not empty; choose a new path, "
+                               "open it with UpdateStore.open(path, 'r+'), or pass overwrite=True")
+    if overwrite and root.is_dir():
+        probe = WriterLock(root)  # never overwrite a store someone is writing
+        probe.acquire()
+        probe.release()
+        shutil.rmtree(root)
+    return False
+
+
+def check_exists(store: zarr.abc.store.Store, where: str) -> None:
+    """For a local store: the directory exists and holds a Zarr group, or a clear error."""
+    root = local_root(store)
+    if root is not None and not root.exists():
+        raise StoreNotFoundError(f"no update store at {where}: the path does not exist; "
+                                 "create one with UpdateStore.create(path, model)")
+    if root is not None and not (root / "zarr.json").is_file():
+        raise NotAStoreError(f"{where} is not an update store (no zarr.json in it); "
+                             "check the path, or create one with UpdateStore.create(path, model)")
+
+
+def open_root(store: zarr.abc.store.Store, where: str, mode: str) -> zarr.Group:
+    """The store's root group through a byte-counting wrapper (``mode``: zarr's "r", "r+", "w", "w-")."""
+    try:
+        return zarr.open_group(CountingStore(store), mode=mode, zarr_format=3)
+    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+        raise StoreExistsError(f"{where} already holds Zarr data; pass overwrite=True to replace it") from exc
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreNotFoundError(f"no update store at {where}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise NotAStoreError(f"{where} is not a readable update store: {exc}") from exc

@@ -1,0 +1,37 @@
+"""The interface every positions codec implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["PositionsCodec", "CorruptRowError"]
+
+
+class CorruptRowError(ValueError):
+    """Decoded positions are not a valid row (wrong count, out of range, repeated)."""
+
+
+class PositionsCodec(Protocol):
+    """Where a row's kept entries are: flat indices into the parameter, sorted.
+
+    ``stored`` is False for a codec that writes no positions array (dense).
+    """
+
+    name: str
+    stored: bool
+    shuffle: str  # Blosc shuffle for the positions array
+
+    def width(self, numel: int, k: int) -> int:
+        """Elements per stored row."""
+
+    def dtype(self, numel: int) -> np.dtype:
+        """Element dtype of the stored rows."""
+
+    def encode(self, positions: torch.Tensor, numel: int) -> np.ndarray | None:
+        """One step's sorted positions (a 1-D tensor on any device) → one host row."""
+
+    def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
+        """Stored rows ``(n, width)`` → sorted positions ``(n, k)`` int64; ``CorruptRowError`` if invalid."""

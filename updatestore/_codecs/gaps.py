@@ -1,0 +1,39 @@
+"""``gaps``: sorted positions delta-coded along the row; column 0 is absolute.
+
+Unsigned, 16-bit when the layer has at most 65 536 entries, else 32-bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import CorruptRowError
+
+__all__ = ["Gaps", "gap_dtype"]
+
+
+def gap_dtype(numel: int) -> np.dtype:
+    return np.dtype("uint16") if numel <= 2**16 else np.dtype("uint32")
+
+
+class Gaps:
+    name = "gaps"
+    stored = True
+    shuffle = "shuffle"
+
+    def width(self, numel: int, k: int) -> int:
+        return k
+
+    def dtype(self, numel: int) -> np.dtype:
+        return gap_dtype(numel)
+
+    def encode(self, positions: torch.Tensor, numel: int) -> np.ndarray:
+        gaps = torch.diff(positions, prepend=positions.new_zeros(1))
+        return gaps.to(torch.int32).cpu().numpy().astype(gap_dtype(numel))
+
+    def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
+        pos = np.cumsum(rows, axis=1, dtype=np.int64)
+        if pos.size and (pos[:, -1].max() >= numel or (pos.shape[1] > 1 and (rows[:, 1:] == 0).any())):
+            raise CorruptRowError("gap-coded positions are out of range or repeat an entry")
+        return pos

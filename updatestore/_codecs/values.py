@@ -1,0 +1,43 @@
+"""Kept values: bfloat16 (as its raw 16 bits), float16 or float32.
+
+Zarr v3 has no bfloat16 data type, so bfloat16 is stored as ``uint16`` bits;
+``float32(bits << 16)`` recovers it exactly. Every stored dtype widens to
+float32 losslessly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["ValuesCodec", "VALUES"]
+
+
+@dataclass(frozen=True)
+class ValuesCodec:
+    name: str
+    torch_dtype: torch.dtype
+    storage: np.dtype  # what the Zarr array holds
+
+    def to_numpy(self, values: torch.Tensor) -> np.ndarray:
+        """Cast on the tensor's device, copy to the host, view as the storage dtype."""
+        t = values.detach().to(self.torch_dtype, copy=True).cpu()
+        if self.name == "bfloat16":
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    def to_torch(self, stored: np.ndarray) -> torch.Tensor:
+        """Stored array → float32 tensor (exact)."""
+        if self.name == "bfloat16":
+            bits = np.ascontiguousarray(stored, dtype=np.uint16).astype(np.uint32) << 16
+            return torch.from_numpy(bits.view(np.float32))
+        return torch.from_numpy(np.ascontiguousarray(stored).astype(np.float32, copy=False))
+
+
+VALUES: dict[str, ValuesCodec] = {
+    "bfloat16": ValuesCodec("bfloat16", torch.bfloat16, np.dtype("uint16")),
+    "float16": ValuesCodec("float16", torch.float16, np.dtype("float16")),
+    "float32": ValuesCodec("float32", torch.float32, np.dtype("float32")),
+}

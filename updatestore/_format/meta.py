@@ -1,0 +1,156 @@
+"""The store's self-description: format version, status codes, layer specs, metadata validation."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import zarr
+
+from .._codecs import positions_codec, values_codec
+from ..config import StoreConfig, kept_count
+from ..errors import NotAStoreError, UnsupportedFormatError
+from . import paths
+from .records import META, sha256_json
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
+           "STATUS_PURGED", "PURGED_ID", "MAX_BLOCK_STEPS", "LayerSpec", "new_meta", "read_meta",
+           "model_fingerprint"]
+
+FORMAT_NAME = "updatestore"
+FORMAT_VERSION = 1
+
+#: Step status codes in ``steps/status``.
+STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP skipped it)
+STATUS_RECORDED = 1  # the pruned update is stored in every layer's row
+STATUS_NOT_STORED = 2  # samples indexed, update not stored (``watch=`` filter)
+STATUS_PURGED = 3  # the update was subtracted by unlearning and its rows erased (``purge``)
+
+#: Written over purged sample IDs in ``samples/ids``; refused as a sample ID.
+PURGED_ID = -(2**63)
+
+#: At most this many steps per shard (one block of the writer).
+MAX_BLOCK_STEPS = 1024
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One trainable parameter tensor as the store records it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    keep: float
+    k: int
+    positions: str  # a name in the positions codec registry: "dense" | "bitmap" | "gaps"
+    chunk_rows: int
+
+    @property
+    def path(self) -> str:
+        return paths.layer(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> "LayerSpec":
+        try:
+            spec = cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=str(d["dtype"]),
+                       numel=int(d["numel"]), keep=float(d["keep"]), k=int(d["k"]),
+                       positions=str(d["positions"]), chunk_rows=int(d["chunk_rows"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NotAStoreError(f"invalid layer entry in store metadata: {d!r} ({exc})") from None
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        name = self.name
+        # Names become Zarr node names: refuse anything that could escape layers/.
+        if (not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("__")
+                or any(ord(c) < 32 for c in name)):
+            raise NotAStoreError(f"invalid layer name in store metadata: {name!r}")
+        if math.prod(self.shape) != self.numel or self.numel < 1:
+            raise NotAStoreError(f"layer {name!r}: shape {self.shape} does not match numel {self.numel}")
+        if not (0 < self.keep <= 1) or not (1 <= self.k <= self.numel):
+            raise NotAStoreError(f"layer {name!r}: keep {self.keep} / k {self.k} out of range")
+        try:
+            positions_codec(self.positions)
+        except UnsupportedFormatError as exc:
+            raise UnsupportedFormatError(f"layer {name!r}: {exc}") from None
+        if (self.positions == "dense") != (self.k == self.numel):
+            raise NotAStoreError(f"layer {name!r}: invalid positions encoding {self.positions!r}")
+        if not (1 <= self.chunk_rows <= MAX_BLOCK_STEPS):
+            raise NotAStoreError(f"layer {name!r}: invalid chunk_rows {self.chunk_rows}")
+
+    def row_nbytes(self, value_dtype: str) -> int:
+        """Uncompressed bytes of one step's row (values + positions)."""
+        codec = positions_codec(self.positions)
+        pos = codec.width(self.numel, self.k) * codec.dtype(self.numel).itemsize if codec.stored else 0
+        return self.k * values_codec(value_dtype).storage.itemsize + pos
+
+
+def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> str:
+    """sha256 of the parameter names, shapes and dtypes (not the weights)."""
+    text = json.dumps([[n, list(s), d] for n, s, d in named_shapes], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprint: str,
+             library_version: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": library_version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "value_dtype": config.value_dtype,
+        "block_steps": block,
+        "model_fingerprint": fingerprint,
+        "layers": [s.to_json() for s in specs],
+    }
+
+
+def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerSpec]]:
+    """Validated metadata of an existing store."""
+    meta = root.attrs.get(META.key)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise NotAStoreError(
+            f"{where} is a Zarr group but not an update store (no '{FORMAT_NAME}' attribute); "
+            "create one with UpdateStore.create(path, model)"
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise UnsupportedFormatError(
+            f"{where} has format version {version!r}; this library reads versions 1..{FORMAT_VERSION}. "
+            "Upgrade updatestore to read it."
+        )
+    if root.attrs.get(META.check_key) != sha256_json(meta):
+        raise NotAStoreError(
+            f"{where}: the store's metadata does not match its checksum ({META.check_key}); the file "
+            "zarr.json was changed or damaged. Restore it from a backup"
+        )
+    if meta.get("value_dtype") not in ("bfloat16", "float16", "float32"):
+        raise NotAStoreError(f"{where}: invalid value_dtype {meta.get('value_dtype')!r}")
+    block = meta.get("block_steps")
+    if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK_STEPS:
+        raise NotAStoreError(f"{where}: invalid block_steps {block!r}")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise NotAStoreError(f"{where}: metadata lists no layers")
+    specs = [LayerSpec.from_json(d) for d in layers]
+    if len({s.name for s in specs}) != len(specs):
+        raise NotAStoreError(f"{where}: duplicate layer names in metadata")
+    for s in specs:
+        if s.k != kept_count(s.keep, s.numel):
+            raise NotAStoreError(f"{where}: layer {s.name!r} has k={s.k}, but keep {s.keep} of {s.numel} gives "
+                                 f"{kept_count(s.keep, s.numel)}")
+    if not isinstance(meta.get("arrays"), dict):
+        raise NotAStoreError(f"{where}: metadata has no array checksums")
+    return meta, specs

@@ -1,0 +1,52 @@
+"""Purge: erase the stored rows of subtracted steps and the forgotten sample IDs from disk.
+
+Order (each point is safe to stop at): 1. the steps are marked purged in the
+step table, so they are never subtracted again; 2. their rows are overwritten
+with zeros in every layer — Zarr drops chunks that become empty and rewrites
+the others, so the old bytes are in no file; 3. every occurrence of the
+forgotten IDs in the sample index and the owner table becomes a tombstone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, paths
+from ._index import SampleIndex
+from ._owners import OwnerTable
+from ._reader import read_plan
+from ._codecs import positions_codec
+
+__all__ = ["purge_steps"]
+
+
+def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleIndex, status: np.ndarray,
+                steps: np.ndarray, samples: np.ndarray | None, owners: OwnerTable) -> int:
+    """Erase ``steps`` (sorted, unique, validated) and ``samples``; returns the sample IDs erased."""
+    n = index.num_steps
+    new_status = status.copy()
+    new_status[steps] = STATUS_PURGED
+    root[paths.STATUS][:n] = new_status  # 1.
+    runs = read_plan(steps, 1)[0] if steps.size else []
+    for spec in specs:  # 2.
+        targets = [paths.values(spec.name)]
+        if positions_codec(spec.positions).stored:
+            targets.append(paths.positions(spec.name))
+        for path in targets:
+            arr = root[path]
+            for run in runs:
+                arr[run] = 0
+    if samples is None:
+        return 0
+    hit = np.flatnonzero(np.isin(index.ids, samples))  # 3.
+    if hit.size:
+        arr = root[paths.SAMPLE_IDS]
+        chunk = arr.chunks[0]
+        for c in np.unique(hit // chunk):
+            a, b = int(c * chunk), int(min((c + 1) * chunk, len(index.ids)))
+            block = index.ids[a:b].copy()
+            block[np.isin(block, samples)] = PURGED_ID
+            arr[a:b] = block
+    owners.tombstone(samples)
+    return int(hit.size)
