@@ -53,6 +53,14 @@ def read_rows(store, layer, start, stop):
     return rows.values, rows.positions
 
 
+def file_bytes(directory):
+    """Every file under ``directory`` and its bytes: compare two of these to prove nothing changed."""
+    from pathlib import Path
+
+    root = Path(directory)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def steps_with(all_ids, forget):
     """Oracle: the steps whose IDs include any of ``forget`` (brute force)."""
     return [s for s, ids in enumerate(all_ids) if np.isin(ids, forget).any()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unlearn
-from conftest import make_tiny, oracle_after, steps_with, train
+from conftest import file_bytes, make_tiny, oracle_after, steps_with, train
 from unlearn import NonFiniteUpdateError
 from updatestore import UpdateStore
 
@@ -43,12 +43,15 @@ def test_full_amnesiac_of_everything_restores_init(store_path):
         torch.testing.assert_close(p.detach(), init[name], rtol=0, atol=2e-6)
 
 
-def test_dry_run_leaves_model_bit_identical(store_path):
+def test_dry_run_leaves_model_and_store_bit_identical(store_path):
     model = make_tiny()
     with UpdateStore.create(store_path, model, keep=0.2) as store:
         train(store, model, steps=10, ids_fn=_ids)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        files = file_bytes(store_path)
+        # ledger and purge default to True and the store is writable: a dry run must still write nothing
         report = unlearn.amnesiac(model, store, [1, 2], dry_run=True)
+        assert file_bytes(store_path) == files
     assert report.dry_run and not report.applied and len(report.steps_hit) == 2
     assert "would subtract 2 of 10 steps" in str(report)
     for n, p in model.named_parameters():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import file_bytes
 from unlearn.data import load_digits
 from unlearn.models import DigitsCNN
 from unlearn.training import fit
@@ -21,7 +22,8 @@ def run(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def pristine(tmp_path_factory):
+    """A trained store, its weights and an IDs file, built once; tests get their own copy."""
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     model = DigitsCNN()
@@ -30,6 +32,16 @@ def workdir(tmp_path_factory):
     store.close()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "w.safetensors"))
     (d / "ids.txt").write_text("3\n17, 2000\n")
+    return d
+
+
+@pytest.fixture
+def workdir(pristine, tmp_path):
+    """This test's own copy of the pristine directory: no test sees another's purge."""
+    import shutil
+
+    d = tmp_path / "work"
+    shutil.copytree(pristine, d)
     return d
 
 
@@ -44,7 +56,7 @@ def test_info_text_and_json(workdir):
     assert 0 < info["footprint"]["ratio"] < 0.1
 
 
-def test_query_json_matches_library(workdir):  # runs before the unlearning test purges IDs
+def test_query_json_matches_library(workdir):
     rc, out, _ = run("query", "run.zarr", "--samples-file", "ids.txt", "--json", cwd=workdir)
     res = json.loads(out)
     store = UpdateStore.open(workdir / "run.zarr")
@@ -77,9 +89,11 @@ def test_unlearn_writes_safetensors_equal_to_library(workdir):
 
 
 def test_dry_run_writes_nothing(workdir):
+    before = file_bytes(workdir)
     rc, out, _ = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
                      "--samples", "3", "--dry-run", cwd=workdir)
-    assert rc == 0 and "would subtract" in out and not (workdir / "dry.safetensors").exists()
+    assert rc == 0 and "would subtract" in out
+    assert file_bytes(workdir) == before  # the store, the weights, everything: bit-identical
 
 
 @pytest.mark.parametrize("args,message", [

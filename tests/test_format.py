@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import zarr
 
@@ -65,3 +66,35 @@ def test_files_far_fewer_than_steps_times_layers(tmp_path):
     files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
     # 4 layers × 2 arrays × 1 shard + steps/samples chunks + zarr.json files
     assert len(files) < 40 < 200 * 4
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format1"
+
+
+def test_store_written_by_0_1_0_opens_and_unlearns_identically(tmp_path):
+    """A format-1 store written by release 0.1.0 (tests/fixtures/make_format1.py): every query
+    answers as 0.1.0 answered, and unlearning gives bit-identical weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import unlearn
+
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    shutil.copytree(FIXTURE / "store", tmp_path / "store")  # the fixture itself stays untouched
+    model = make_tiny(0)
+    model.load_state_dict(load_file(str(FIXTURE / "trained.safetensors")))
+    with UpdateStore.open(tmp_path / "store") as store:
+        assert store.meta["format_version"] == 1 and store.meta["library_version"] == "0.1.0"
+        assert (store.num_batches, store.num_samples) == (expected["num_batches"], expected["num_samples"])
+        assert store.step_status().tolist() == expected["status"]
+        assert store.batches_containing(expected["forget"]).tolist() == expected["batches_of_forget"]
+        assert store.samples_of([7003]).tolist() == expected["owner_7003_samples"]
+        assert len(store.ledger()) == expected["ledger_entries"]
+        assert {s.positions for s in store.layers} == {"bitmap", "gaps", "dense"}
+        report = unlearn.amnesiac(model, store, expected["forget"], ledger=False, purge=False, device="cpu")
+    assert report.steps_hit.tolist() == expected["steps_hit"]
+    want = load_file(str(FIXTURE / "expected_after.safetensors"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +12,7 @@ from zarr.storage import MemoryStore  # noqa: F401 - used by the docstring examp
 
 from . import __version__, ledger as _ledger
 from ._backend import CountingStore, PathLike, check_exists, open_root, prepare_new, resolve, take_lock
-from ._format import (STATUS_RECORDED, LayerSpec, create_tree, model_fingerprint, new_meta, open_arrays,
-                      plan_layers, read_counts, read_meta)
+from ._format import LayerSpec, check_store, create_tree, model_fingerprint, new_meta, plan_layers, read_counts
 from ._index import SampleIndex, StepTable, as_sample_ids, as_steps
 from ._owners import OwnerTable
 from ._params import match_model, named_shapes, trainable
@@ -22,8 +20,8 @@ from ._purge import purge_steps
 from ._reader import Reader, Rows
 from ._writer import BlockWriter, WriterSink
 from .config import StoreConfig, resolve_keep
-from .distributed import world
-from .errors import ConfigError, NotAStoreError, ReadOnlyStoreError, RecorderError, UpdateStoreError
+from .distributed import require_writer_rank
+from .errors import ConfigError, ReadOnlyStoreError, RecorderError
 from .footprint import Footprint, measure
 from .recorder import Recorder
 
@@ -51,14 +49,7 @@ class UpdateStore:
     def __init__(self, root: zarr.Group, where: str, mode: str) -> None:
         self._root, self._where, self._mode = root, where, mode
         self._counter: CountingStore = root.store  # type: ignore[assignment]
-        try:
-            self._meta, specs = read_meta(root, where)
-            self._steps, self._samples = read_counts(root, where)
-            open_arrays(root, self._meta, specs, self._steps, self._samples, where)
-        except UpdateStoreError:
-            raise
-        except Exception as exc:  # damaged JSON or metadata that zarr cannot parse
-            raise NotAStoreError(f"{where} cannot be opened as an update store: {exc}") from exc
+        self._meta, specs, self._steps, self._samples = check_store(root, where)
         self._specs: tuple[LayerSpec, ...] = tuple(specs)
         self._table = StepTable(root, where)
         self._owners = OwnerTable(root, where)
@@ -169,11 +160,7 @@ class UpdateStore:
                  watch: Any = None, process_group: Any = None) -> Recorder:
         """A :class:`Recorder` for ``model`` writing into this store (``"r+"``); use it as a context manager."""
         self._require_writable("record")
-        size, rank = world(process_group)
-        if size > 1 and rank != 0:
-            raise RecorderError(
-                f"with torch.distributed, rank 0 records into the store and every other rank passes store=None "
-                f"(Recorder(None, model, optimizer)); this is rank {rank} with a store")
+        require_writer_rank(process_group)
         sink = WriterSink(self._open_writer)
         sink.recorder = Recorder(sink, self.check_model(model), optimizer, watch=watch, process_group=process_group)
         return sink.recorder
@@ -253,11 +240,6 @@ class UpdateStore:
             raise IndexError(f"steps must be sorted and unique to read them from store {self._where}")
         names = [s.name for s in self._specs] if layers is None else list(layers)
         return self._reader.read(names, steps, status[steps], index.num_steps)
-
-    def read_steps_many(self, layers: list[str], steps: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Deprecated: use :meth:`read`, which returns :class:`Rows` (positions for every layer)."""
-        warnings.warn("read_steps_many is deprecated; use store.read(steps, layers)", DeprecationWarning, 2)
-        return {n: (r.values, None if r.dense else r.positions) for n, r in self.read(steps, layers).items()}
 
     # ------------------------------------------------------------ ledger, purge, footprint
     def ledger(self) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The on-disk format (FORMAT.md): the only package that knows node paths, shapes and records."""
 
+from ..errors import NotAStoreError, UpdateStoreError
 from .meta import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -16,8 +17,22 @@ from .meta import (
 from .records import COUNTS, INDEX_RECORD, LEDGER, OWNER_COUNT, read_counts
 from .tree import MAX_BLOCK_STEPS, create_tree, open_arrays, plan_layers
 
+
+def check_store(root, where: str) -> tuple[dict, list[LayerSpec], int, int]:
+    """Metadata, layer specs and committed counts of an existing store, every array checked
+    against the metadata it was created with; ``NotAStoreError`` (or a subclass) otherwise."""
+    try:
+        meta, specs = read_meta(root, where)
+        steps, samples = read_counts(root, where)
+        open_arrays(root, meta, specs, steps, samples, where)
+    except UpdateStoreError:
+        raise
+    except Exception as exc:  # damaged JSON or metadata that zarr cannot parse
+        raise NotAStoreError(f"{where} cannot be opened as an update store: {exc}") from exc
+    return meta, specs, steps, samples
+
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "PURGED_ID", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
+    "check_store", "FORMAT_NAME", "FORMAT_VERSION", "PURGED_ID", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
     "STATUS_PURGED", "LayerSpec", "model_fingerprint", "new_meta", "read_meta", "COUNTS", "INDEX_RECORD",
     "LEDGER", "OWNER_COUNT", "read_counts", "MAX_BLOCK_STEPS", "create_tree", "open_arrays", "plan_layers",
 ]

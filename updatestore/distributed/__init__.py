@@ -1,5 +1,5 @@
 """Helpers for recording under torch.distributed (DDP today)."""
 
-from .ddp import gather_ids, world
+from .ddp import gather_ids, require_writer_rank, world
 
-__all__ = ["gather_ids", "world"]
+__all__ = ["gather_ids", "require_writer_rank", "world"]
