@@ -44,6 +44,36 @@ def test_create_refuses_existing(store_path, tiny):
     UpdateStore.create(store_path, tiny, overwrite=True)
 
 
+def test_overwrite_replaces_only_an_update_store(tmp_path, tiny):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    with pytest.raises(StoreExistsError, match="not an update store.*replaces only an update store"):
+        UpdateStore.create(folder, tiny, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "years of work"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreExistsError, match="is a file"):
+        UpdateStore.create(tmp_path / "f", tiny, overwrite=True)
+    other = tmp_path / "zarr-but-not-ours"
+    import zarr
+
+    zarr.open_group(other, mode="w").attrs["something"] = 1
+    with pytest.raises(StoreExistsError, match="not an update store"):
+        UpdateStore.create(other, tiny, overwrite=True)
+    assert (other / "zarr.json").exists()
+
+
+def test_demo_never_deletes_an_existing_directory(tmp_path):
+    from unlearn.demo import main
+
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="already exists"):
+        main(["--store", str(folder), "--epochs", "1", "--quiet"])
+    assert (folder / "keep.txt").read_text() == "mine"
+
+
 def rewrite_meta(path, change):
     """Change a store's metadata the way a crafted (not damaged) store would: checksum recomputed."""
     import hashlib

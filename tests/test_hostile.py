@@ -94,3 +94,25 @@ def test_package_never_uses_pickle_or_unsafe_torch_load():
         for f in (root / pkg).rglob("*.py"):
             for line in f.read_text().splitlines():
                 assert not pattern.search(line), f"{f}: {line.strip()}"
+
+
+@pytest.mark.parametrize("forge", ["samples off by one", "covers more steps than committed", "covers no samples"])
+def test_forged_index_record_is_rebuilt_from_the_sample_ids(tmp_path, forge):
+    """The persisted sorted index is a cache: a record that vouches for it wrongly (with a
+    valid CRC, as FORMAT.md defines it) is not trusted; queries equal a brute-force scan."""
+    import zlib
+
+    import zarr
+
+    from conftest import steps_with
+
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5) as store:
+        _, ids = train(store, model, steps=20, ids_fn=lambda s: np.arange(4) + 3 * s)
+    root = zarr.open_group(tmp_path / "s", mode="r+")
+    n, m = {"samples off by one": (20, 79), "covers more steps than committed": (21, 84),
+            "covers no samples": (20, 0)}[forge]
+    root["index"].update_attributes({"steps": n, "samples": m, "check": zlib.crc32(f"index:{n}:{m}".encode())})
+    with UpdateStore.open(tmp_path / "s") as store:
+        for q in ([0], [30, 31], [59, 60, 999]):
+            assert store.batches_containing(q).tolist() == steps_with(ids, q)

@@ -23,9 +23,24 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
 
 
-def test_demo_runs(capsys):
+def test_demo_prints_consistent_figures(capsys):
+    """The demo's printed numbers agree with each other, not just its words."""
     from unlearn.demo import main
 
-    assert main(["--epochs", "2", "--quiet"]) == 0
+    assert main(["--epochs", "2", "--quiet", "--forget", "5"]) == 0
     out = capsys.readouterr().out
-    assert "full amnesiac log" in out and "test accuracy" in out and "subtracted" in out
+    recorded = int(re.search(r"trained in [\d.]+ s, (\d+) steps recorded", out).group(1))
+    assert recorded == 2 * 43  # 1347 digits at batch 32, two epochs
+    size, unit = re.search(r"update store: ([\d.]+) (KiB|MiB) on disk for (\d+) stored steps", out).group(1, 2)
+    full = float(re.search(r"full amnesiac log \(dense float32\): ([\d.]+) MiB", out).group(1))
+    ratio = float(re.search(r"ratio: ([\d.]+)% of the full log", out).group(1))
+    store_mib = float(size) / (1024 if unit == "KiB" else 1)
+    assert 0 < ratio < 10 and abs(ratio - 100 * store_mib / full) < 0.2
+    dry = re.search(r"5/5 samples found; would subtract (\d+) of (\d+) steps", out)
+    real = re.search(r"5/5 samples found; subtracted (\d+) of (\d+) steps", out)
+    assert dry and real, out
+    assert int(dry.group(1)) == int(real.group(1)) >= 1 and int(dry.group(2)) == int(real.group(2)) == recorded
+    assert "audit ledger entry 0; rows and IDs purged from disk" in out
+    before, after = map(float, re.search(r"test accuracy\s+([\d.]+)\s+([\d.]+)", out).groups())
+    assert 0.5 < before <= 1 and 0 <= after <= 1
+    assert re.search(r"forgotten samples\s+[\d.]+\s+[\d.]+", out)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "digits.zarr"
     try:
         model = DigitsCNN(num_classes=data.num_classes)
-        store = UpdateStore.create(path, model, keep=args.keep, overwrite=args.store is not None)
+        # Never overwrite: the demo deletes nothing it did not create (an existing --store is an error).
+        store = UpdateStore.create(path, model, keep=args.keep)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"training a {n_params:,}-parameter CNN on {len(data.train)} digits for {args.epochs} epochs, "
               f"recording into {path} (keep={args.keep}, bfloat16)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import weakref
@@ -90,12 +91,28 @@ def prepare_new(store: zarr.abc.store.Store, where: str, overwrite: bool) -> boo
     if not overwrite and (root.is_file() or any(root.iterdir())):
         raise StoreExistsError(f"{where} already exists and is not empty; choose a new path, "
                                "open it with UpdateStore.open(path, 'r+'), or pass overwrite=True")
-    if overwrite and root.is_dir():
+    if overwrite and root.is_file():
+        raise StoreExistsError(f"{where} is a file, not an update store; overwrite=True replaces only an update "
+                               "store. Choose another path")
+    if overwrite and any(root.iterdir()):
+        if not is_update_store(root):
+            raise StoreExistsError(
+                f"{where} is not empty and is not an update store (no zarr.json with update-store metadata); "
+                "overwrite=True replaces only an update store. Choose another path, or delete it yourself")
         probe = WriterLock(root)  # never overwrite a store someone is writing
         probe.acquire()
         probe.release()
         shutil.rmtree(root)
     return False
+
+
+def is_update_store(root: Path) -> bool:
+    """Whether directory ``root`` holds an update store's root metadata (checked before deleting it)."""
+    try:
+        meta = json.loads((root / "zarr.json").read_text())
+        return meta.get("attributes", {}).get("updatestore", {}).get("format") == "updatestore"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_exists(store: zarr.abc.store.Store, where: str) -> None:
