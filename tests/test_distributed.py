@@ -83,7 +83,8 @@ def test_ddp_store_equals_single_process_on_the_union(tmp_path):
     b.load_state_dict(model.state_dict())
     forget = np.array([9, 60])
     unlearn.amnesiac(a, single, forget, ledger=False, purge=False)
-    unlearn.amnesiac(b, ddp, forget, ledger=False, purge=False)
+    # b holds the single-process weights, which the DDP store never saw (they differ by rounding)
+    unlearn.amnesiac(b, ddp, forget, ledger=False, purge=False, allow_unknown_model=True)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
 

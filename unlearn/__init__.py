@@ -11,7 +11,7 @@ It uses only ``updatestore``'s public API.
 """
 
 from .choice import Auto
-from .errors import NonFiniteUpdateError, UnlearnError
+from .errors import NonFiniteUpdateError, UnknownModelError, UnlearnError
 from .evaluate import evaluate, membership_attack, param_distance
 from .methods import LoopReport, amnesiac, finetune, gradient_ascent, label_flip
 from .metrics import accuracy
@@ -33,4 +33,5 @@ __all__ = [
     "param_distance",
     "UnlearnError",
     "NonFiniteUpdateError",
+    "UnknownModelError",
 ]

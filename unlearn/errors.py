@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from updatestore import UpdateStoreError
 
-__all__ = ["UnlearnError", "NonFiniteUpdateError"]
+__all__ = ["UnlearnError", "NonFiniteUpdateError", "UnknownModelError"]
 
 
 class UnlearnError(UpdateStoreError, RuntimeError):
@@ -13,3 +13,7 @@ class UnlearnError(UpdateStoreError, RuntimeError):
 
 class NonFiniteUpdateError(UnlearnError, FloatingPointError):
     """The unlearning delta of a layer holds NaN or infinity; nothing was applied."""
+
+
+class UnknownModelError(UnlearnError, ValueError):
+    """The model's weights match no state the store recorded and no earlier unlearning's result."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,23 @@ class UnlearnReport:
     candidates: list[dict] = field(default_factory=list)
     #: entries subtracted per step for each layer (k', ≤ the recorded k)
     kept: dict[str, int] = field(default_factory=dict)
+    #: steps holding the samples whose update was NaN/infinite (nothing stored to subtract)
+    steps_nonfinite: int = 0
+    #: purge="deferred": the purge that ``commit()`` runs
+    pending_purge: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+
+    def commit(self) -> bool:
+        """Purge what ``amnesiac(..., purge="deferred")`` subtracted: call it after the unlearned
+        model is saved. Idempotent; returns whether a purge ran now.
+
+        >>> report = unlearn.amnesiac(model, store, ids, purge="deferred")  # doctest: +SKIP
+        >>> save_file(model.state_dict(), "model.safetensors"); report.commit()  # doctest: +SKIP
+        """
+        pending, self.pending_purge = self.pending_purge, None
+        if pending is None:
+            return False
+        self.purged = pending()
+        return self.purged
 
     @property
     def share(self) -> float:
@@ -70,6 +88,8 @@ class UnlearnReport:
             "ledger_entry": self.ledger_entry,
             "candidates": self.candidates,
             "kept": self.kept,
+            "steps_nonfinite": self.steps_nonfinite,
+            "purge_pending": self.pending_purge is not None,
         }
 
     def __str__(self) -> str:
@@ -86,6 +106,9 @@ class UnlearnReport:
                          "(audit ledger): not subtracted again")
         if len(self.already_forgotten):
             lines.append(f"{len(self.already_forgotten)} sample ID(s) were already forgotten and purged")
+        if self.steps_nonfinite:
+            lines.append(f"{self.steps_nonfinite} step(s) held the samples but their update was NaN/infinite: "
+                         "nothing was stored, nothing subtracted")
         if self.steps_unavailable:
             lines.append(f"{self.steps_unavailable} step(s) were purged after unlearning another copy of the "
                          "model: their updates are gone")
@@ -97,8 +120,9 @@ class UnlearnReport:
                          f"validation acc {c['validation_accuracy']:.3f}" + ("  <- chosen" if c.get("chosen") else ""))
         lines.append(f"read {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.3f} s on {self.device}")
         if self.ledger_entry is not None:
-            lines.append(f"audit ledger entry {self.ledger_entry}" + ("; rows and IDs purged from disk"
-                                                                       if self.purged else ""))
+            lines.append(f"audit ledger entry {self.ledger_entry}" + (
+                "; rows and IDs purged from disk" if self.purged else
+                "; purge pending: call report.commit() after saving the model" if self.pending_purge else ""))
         elif self.purged:
             lines.append("rows and IDs purged from disk")
         return "\n".join(lines)

@@ -3,7 +3,8 @@
 ``resolve`` finds the samples (by ID or owner), the steps that used them, which of
 those this very model already had subtracted (audit ledger, matched by a hash of
 its weights) and which are gone (purged after unlearning another copy).
-``record`` appends the ledger entry and purges, in that order.
+``log`` appends the ledger entry; ``purge`` erases what was subtracted, and must come
+after the caller saved the model (``amnesiac(purge="deferred")`` + ``report.commit()``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import (PURGED_ID, STATUS_NOT_STORED, STATUS_PURGED, STATUS_RECORDED, STATUS_SKIPPED, ConfigError,
-                         ReadOnlyStoreError, UpdateStore, as_sample_ids, hash_ids, ids_in_ledger,
-                         subtracted_in_lineage, weights_fingerprint)
+from updatestore import (PURGED_ID, STATUS_NONFINITE, STATUS_NOT_STORED, STATUS_PURGED, STATUS_RECORDED,
+                         STATUS_SKIPPED, ConfigError, ReadOnlyStoreError, UpdateStore, as_sample_ids, hash_ids,
+                         ids_in_ledger, subtracted_in_lineage, weights_fingerprint)
 from updatestore.ledger import now
 
-__all__ = ["Request", "resolve", "record"]
+from .errors import UnknownModelError
+
+__all__ = ["Request", "resolve", "check_lineage", "log", "purge"]
 
 
 @dataclass
@@ -44,8 +47,26 @@ class Request:
         s = self.status[self.steps]
         return int(((s == STATUS_SKIPPED) | (s == STATUS_NOT_STORED)).sum())
 
+    @property
+    def nonfinite(self) -> int:
+        """Steps holding the samples whose update was NaN/infinite: nothing stored to subtract."""
+        return int((self.status[self.steps] == STATUS_NONFINITE).sum())
 
-def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners: Any, *, writes: bool) -> Request:
+
+def check_lineage(store: UpdateStore, fingerprint: str, entries: list[dict[str, Any]]) -> None:
+    """Refuse a model whose weights the store never saw (at a checkpoint, at the end of recording,
+    or as the result of an unlearning). Stores written before 0.2 record no lineage: not checked."""
+    recorded = {e.get("weights") for e in store.history() if e.get("event") in ("checkpoint", "close")} - {None}
+    if recorded and fingerprint not in recorded | {e.get("model_after") for e in entries}:
+        raise UnknownModelError(
+            f"this model's weights match no state store {store.path} recorded (a checkpoint or the end of "
+            "recording) and no earlier unlearning's result: it was trained further outside the recorder, or "
+            "comes from another run, so the stored updates may not be the ones it received. Pass "
+            "allow_unknown_model=True to subtract them anyway")
+
+
+def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners: Any, *, writes: bool,
+            allow_unknown_model: bool = False) -> Request:
     """Validate the request and find its steps; ``writes``: the method will write the ledger or purge."""
     if writes and store.mode != "r+":
         raise ReadOnlyStoreError(
@@ -65,6 +86,8 @@ def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners:
         warnings.warn(f"{unknown.size} of {ids.size} sample IDs were never recorded in {store.path}: "
                       f"{unknown[:10].tolist()}", stacklevel=3)
     fingerprint = weights_fingerprint(model)
+    if not allow_unknown_model:
+        check_lineage(store, fingerprint, entries)
     done = subtracted_in_lineage(entries, fingerprint)
     steps = store.batches_containing(ids[found])
     status = store.step_status()
@@ -79,25 +102,26 @@ def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners:
                    int(others.size))
 
 
-def record(store: UpdateStore, request: Request, model: torch.nn.Module, *, method: str, applied: bool,
-           kept: dict[str, int], ledger: bool, purge: bool) -> tuple[int | None, bool]:
-    """Append the ledger entry (when something was applied), then purge; returns ``(entry, purged)``.
+def log(store: UpdateStore, request: Request, model: torch.nn.Module, *, method: str,
+        kept: dict[str, int]) -> int:
+    """Append the ledger entry of an applied unlearning (``purged: False`` until :func:`purge`)."""
+    return store.log_unlearning({
+        "time": now(), "method": method, "sample_id_sha256": hash_ids(request.ids[request.found]),
+        "steps": request.hit.tolist(), "model_before": request.fingerprint,
+        "model_after": weights_fingerprint(model), "kept_per_step": kept, "purged": False,
+    })
 
-    The purge erases the steps subtracted now or earlier from this model whose rows
-    are still on disk, and every occurrence of the found IDs.
-    """
-    entry = None
-    if applied and ledger:
-        entry = store.log_unlearning({
-            "time": now(), "method": method, "sample_id_sha256": hash_ids(request.ids[request.found]),
-            "steps": request.hit.tolist(), "model_before": request.fingerprint,
-            "model_after": weights_fingerprint(model), "kept_per_step": kept, "purged": False,
-        })
-    if not (purge and request.found.any()):
-        return entry, False
+
+def purge(store: UpdateStore, request: Request, entry: int | None) -> bool:
+    """Erase the steps subtracted now or earlier from this model (rows still on disk, or left by an
+    interrupted purge: purging is idempotent) and every occurrence of the found IDs; then mark
+    the ledger entry purged. Returns whether anything was requested to purge."""
+    if not request.found.any():
+        return False
     steps, status = request.steps, request.status
-    leftover = steps[(status[steps] == STATUS_RECORDED) & (request.was_done | np.isin(steps, request.hit))]
+    ours = request.was_done | np.isin(steps, request.hit)
+    leftover = steps[((status[steps] == STATUS_RECORDED) | (status[steps] == STATUS_PURGED)) & ours]
     store.purge(leftover, samples=request.ids[request.found])
     if entry is not None:
         store.update_ledger(entry, purged=True)
-    return entry, True
+    return True

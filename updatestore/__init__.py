@@ -11,6 +11,7 @@ __version__ = "0.2.0"
 from ._format import (  # noqa: E402
     FORMAT_VERSION,
     PURGED_ID,
+    STATUS_NONFINITE,
     STATUS_NOT_STORED,
     STATUS_PURGED,
     STATUS_RECORDED,
@@ -29,6 +30,7 @@ from .errors import (  # noqa: E402
     RecorderError,
     SampleIdError,
     StepError,
+    StoreBehindCheckpointError,
     StoreExistsError,
     StoreLockedError,
     StoreNotFoundError,
@@ -47,12 +49,12 @@ __all__ = [
     # the store and recording
     "UpdateStore", "Recorder", "Rows", "OwnerBatchSampler", "StoreConfig", "LayerSpec", "Footprint",
     # format constants
-    "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED", "STATUS_PURGED", "PURGED_ID",
+    "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED", "STATUS_PURGED", "STATUS_NONFINITE", "PURGED_ID",
     # helpers shared with unlearning methods
     "as_sample_ids", "check_ratio", "kept_count", "match_layers", "resolve_keep",
     "weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger",
     # errors
     "UpdateStoreError", "StoreNotFoundError", "StoreExistsError", "NotAStoreError", "UnsupportedFormatError",
     "ConfigError", "ModelMismatchError", "ReadOnlyStoreError", "RecorderError", "SampleIdError", "StepError",
-    "WriterError", "CorruptStoreError", "StoreLockedError",
+    "WriterError", "CorruptStoreError", "StoreLockedError", "StoreBehindCheckpointError",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 
 import zarr
 
-from ._format import INDEX_RECORD, STATUS_PURGED
+from ._format import INDEX_RECORD, STATUS_NONFINITE
 from ._format import paths
 from .errors import CorruptStoreError, SampleIdError, StepError
 
@@ -172,7 +172,7 @@ class StepTable:
                                     f"{exc}") from exc
         if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
             raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
-        if (status > STATUS_PURGED).any():
+        if (status > STATUS_NONFINITE).any():
             raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
         self.index = SampleIndex(ids, ends, presorted=self._presorted(n, ends))
         self.status = status

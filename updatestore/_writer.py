@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +21,11 @@ import torch
 import zarr
 
 from ._codecs import positions_codec, values_codec
-from ._format import COUNTS, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
-from .errors import RecorderError, WriterError
+from ._format import COUNTS, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._lineage import append_event
+from .errors import ConfigError, RecorderError, WriterError
 
-__all__ = ["StepRecord", "BlockWriter", "WriterSink"]
+__all__ = ["StepRecord", "BlockWriter", "WriterSink", "check_commit_seconds"]
 
 
 @dataclass
@@ -39,6 +42,11 @@ class StepRecord:
     rows: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
+def check_commit_seconds(value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError(f"commit_seconds must be a positive number of seconds or None, got {value!r}")
+
+
 _FLUSH = object()
 _STOP = object()
 
@@ -49,13 +57,20 @@ class BlockWriter:
     ``put`` blocks when ``max_queue`` steps wait (back-pressure). An exception in
     the thread is re-raised as ``WriterError`` by the next ``put``/``flush``/``close``.
     A recorded step whose kept values are all zero (the optimizer changed nothing,
-    e.g. AMP skipped it) is stored as skipped.
+    e.g. AMP skipped it) is stored as skipped; one with NaN or infinity is stored as
+    non-finite (indexed, no update) with a warning naming the step.
+
+    Besides full blocks, the writer commits whenever ``commit_seconds`` have passed
+    since its last commit and steps are waiting (the loss window of a crash).
     """
 
     def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
-                 num_samples: int, *, max_queue: int = 8,
+                 num_samples: int, *, where: str = "", max_queue: int = 8, commit_seconds: float | None = 5.0,
                  on_close: Callable[["BlockWriter"], None] | None = None) -> None:
         self._root = root
+        self._where = where
+        self._commit_seconds = commit_seconds
+        self._last_commit = time.monotonic()
         self._specs = specs
         self._block = block
         self._values = values_codec(value_dtype)
@@ -98,12 +113,23 @@ class BlockWriter:
                 break
         self._check()
 
-    def close(self) -> None:
+    def checkpoint(self, weights: str | None) -> tuple[int, int]:
+        """Commit every step handed over so far and note the model's fingerprint there."""
+        self.flush()
+        append_event(self._root, self._where, "checkpoint", step=self.committed_steps,
+                     samples=self.committed_samples, weights=weights)
+        return self.committed_steps, self.committed_samples
+
+    def close(self, weights: str | None = None) -> None:
+        """Commit everything and stop; ``weights`` (the model's fingerprint now) goes into the lineage."""
         try:
             if self._thread.is_alive():
                 self._queue.put((_STOP, threading.Event()))
                 self._thread.join()
             self._check()
+            if weights is not None:
+                append_event(self._root, self._where, "close", step=self.committed_steps,
+                             samples=self.committed_samples, weights=weights)
         finally:
             if self._on_close is not None:
                 on_close, self._on_close = self._on_close, None
@@ -117,7 +143,11 @@ class BlockWriter:
     # ------------------------------------------------------------ thread side
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._commit_seconds)
+            except queue.Empty:  # training paused or slow: commit what waits, within the loss window
+                self._commit_if_due()
+                continue
             if isinstance(item, tuple) and item[0] in (_FLUSH, _STOP):
                 try:
                     if self._error is None:
@@ -132,14 +162,29 @@ class BlockWriter:
                 continue  # drain: the caller sees the error on its next call
             try:
                 self._add(item)
+                self._commit_if_due()
             except BaseException as exc:  # noqa: BLE001
+                self._error = exc
+
+    def _commit_if_due(self) -> None:
+        if (self._error is None and self._commit_seconds is not None and self._n
+                and self._start + self._n > self.committed_steps
+                and time.monotonic() - self._last_commit >= self._commit_seconds):
+            try:
+                self._write_block()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._error = exc
 
     def _add(self, rec: StepRecord) -> None:
         r = self._n
         status = rec.status
         # The kept entries are each layer's largest |Δ|: the step changed the model iff one is non-zero.
-        if status == STATUS_RECORDED and not any(bool(v.ne(0).any()) for v, _ in rec.rows or []):
+        if status == STATUS_RECORDED and not all(bool(torch.isfinite(v).all()) for v, _ in rec.rows or []):
+            status = STATUS_NONFINITE
+            warnings.warn(f"step {self._start + r} of store {self._where} changed the parameters by NaN or "
+                          "infinity (a diverged step): its samples are indexed, its update is not stored and "
+                          "cannot be subtracted", RuntimeWarning, stacklevel=1)
+        elif status == STATUS_RECORDED and not any(bool(v.ne(0).any()) for v, _ in rec.rows or []):
             status = STATUS_SKIPPED
         self._status[r] = status
         if status == STATUS_RECORDED:
@@ -189,6 +234,7 @@ class BlockWriter:
             self._ids_arr[m0:m1] = new_ids
         COUNTS.write(self._root, b, m1)  # the commit point
         self.committed_steps, self.committed_samples = b, m1
+        self._last_commit = time.monotonic()
         self._pending_ids = []
 
     def _reload_tail(self) -> None:
@@ -208,7 +254,7 @@ class WriterSink:
     the store can detach it (remove its optimizer hooks) first.
     """
 
-    def __init__(self, open_writer: Callable[["WriterSink"], BlockWriter]) -> None:
+    def __init__(self, open_writer: Callable[["WriterSink"], "BlockWriter"]) -> None:
         self._open_writer = open_writer
         self._writer: BlockWriter | None = None
         self.recorder: Any = None
@@ -221,7 +267,12 @@ class WriterSink:
             raise RecorderError("the store's writer is closed; record inside `with store.recorder(...)`")
         self._writer.put(record)
 
-    def close(self) -> None:
+    def checkpoint(self, weights: str | None) -> tuple[int, int]:
+        if self._writer is None:
+            raise RecorderError("the store's writer is closed; call rec.state_dict() while the recorder is attached")
+        return self._writer.checkpoint(weights)
+
+    def close(self, weights: str | None = None) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.close()
+            writer.close(weights)

@@ -21,6 +21,7 @@ __all__ = [
     "CorruptStoreError",
     "StepError",
     "StoreLockedError",
+    "StoreBehindCheckpointError",
 ]
 
 
@@ -78,3 +79,7 @@ class StepError(UpdateStoreError, IndexError):
 
 class StoreLockedError(UpdateStoreError, BlockingIOError):
     """Another live process (or handle) is writing to the store."""
+
+
+class StoreBehindCheckpointError(UpdateStoreError, RuntimeError):
+    """A model checkpoint is newer than the store: steps the model received were never committed."""

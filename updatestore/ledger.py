@@ -76,10 +76,10 @@ def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
 
 def read_entries(root: zarr.Group, where: str) -> list[dict[str, Any]]:
     """The ledger's entries (empty when nothing was unlearned yet)."""
-    if paths.LEDGER not in root:
-        return []
     present, entries = LEDGER.read(root)
-    if not present or not isinstance(entries, list):
+    if not present:
+        return []
+    if not isinstance(entries, list):
         raise NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged")
     return entries
 

@@ -20,6 +20,7 @@ from ._pruning import prune_topk
 from ._writer import StepRecord
 from .distributed import gather_ids, world
 from .errors import RecorderError
+from .ledger import weights_fingerprint
 
 __all__ = ["Recorder", "StepSink"]
 
@@ -29,11 +30,16 @@ _ATTACHED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 class StepSink(Protocol):
-    """Where a recorder hands its steps: opened on attach, closed on detach."""
+    """Where a recorder hands its steps: opened on attach, closed on detach.
+
+    ``checkpoint`` commits every step so far and notes the weights' fingerprint there;
+    ``close`` notes the fingerprint at the end of recording.
+    """
 
     def open(self) -> None: ...
     def put(self, record: StepRecord) -> None: ...
-    def close(self) -> None: ...
+    def checkpoint(self, weights: str | None) -> tuple[int, int]: ...
+    def close(self, weights: str | None = None) -> None: ...
 
 
 class _Discard:
@@ -41,7 +47,9 @@ class _Discard:
 
     def open(self) -> None: ...
     def put(self, record: StepRecord) -> None: ...
-    def close(self) -> None: ...
+    def checkpoint(self, weights: str | None) -> tuple[int, int]:
+        return -1, -1
+    def close(self, weights: str | None = None) -> None: ...
 
 
 class Recorder:
@@ -64,7 +72,7 @@ class Recorder:
 
     def __init__(self, sink: StepSink | None, params: Any,
                  optimizer: torch.optim.Optimizer | None = None, *, watch: Any = None,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, model: torch.nn.Module | None = None) -> None:
         self._group = process_group
         self._world, self._rank = world(process_group)
         if sink is None:  # Recorder(None, model, opt): a DDP rank > 0 contributes its IDs only
@@ -78,7 +86,11 @@ class Recorder:
             sink, params = _Discard(), []
         self._sink: StepSink = sink
         self._params: list[tuple[LayerSpec, torch.nn.Parameter]] = list(params)
+        self._model = model
         self._optimizer = optimizer
+        # What was recorded at attach: a parameter unfrozen or added later would go unrecorded.
+        self._trainable = self._count_trainable()
+        self._in_optimizer = self._count_optimized()
         self._watch = None if watch is None else np.unique(as_sample_ids(watch, what="watch"))
         self._handles: list[Any] = []
         self._before: list[torch.Tensor] | None = None
@@ -119,7 +131,49 @@ class Recorder:
         if self._optimizer is not None:
             _ATTACHED.discard(self._optimizer)
         self._attached = False
-        self._sink.close()
+        self._sink.close(self._fingerprint())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Commit every step recorded so far (durably) and return the state to save in the model checkpoint.
+
+        Save it beside ``model.state_dict()`` and the optimizer's; after a crash, load the
+        checkpoint and pass it to ``store.recorder(model, optimizer, resume=state)``, which
+        rolls back the steps the checkpoint does not have. JSON-serialisable.
+
+        >>> torch.save({"model": model.state_dict(), "store": rec.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+        """
+        self._require_attached()
+        if self._in_batch or self._pending:
+            raise RecorderError("rec.state_dict() inside a rec.batch(...) block or between gradient-accumulation "
+                                "micro-batches: checkpoint after an optimizer step")
+        weights = self._fingerprint()
+        steps, samples = self._sink.checkpoint(weights)
+        return {"updatestore_recorder": 1, "steps": steps, "samples": samples, "weights": weights}
+
+    def _fingerprint(self) -> str | None:
+        return None if self._model is None or not self._params else weights_fingerprint(self._model)
+
+    def _count_trainable(self) -> int:
+        if self._model is None:
+            return -1
+        return sum(1 for p in self._model.parameters() if p.requires_grad and p.numel() > 0)
+
+    def _count_optimized(self) -> int:
+        if self._optimizer is None:
+            return -1
+        return sum(len(g["params"]) for g in self._optimizer.param_groups)
+
+    def _check_parameters(self) -> None:
+        """A parameter unfrozen or added after attach would silently go unrecorded: refuse the step."""
+        if self._count_trainable() != self._trainable or self._count_optimized() != self._in_optimizer:
+            recorded = {id(p) for _, p in self._params}
+            new = [n for n, p in (self._model.named_parameters() if self._model is not None else [])
+                   if p.requires_grad and p.numel() > 0 and id(p) not in recorded]
+            raise RecorderError(
+                "the set of trained parameters changed after the recorder attached "
+                f"({'newly trainable: ' + ', '.join(new) if new else 'the optimizer has new parameters or groups'}); "
+                "the store records only the parameters it was created for, so this step would be missing from "
+                "it. Freeze them again, or detach, and record into a store created for the new set")
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -164,6 +218,7 @@ class Recorder:
             )
         if self._steps_in_batch:
             raise RecorderError("optimizer.step() was called twice inside one rec.batch(...) block")
+        self._check_parameters()
         # With several ranks the watch decision needs every rank's IDs: snapshot always.
         if self._world > 1 or self._wanted(self._pending):
             self._snapshot()
@@ -178,6 +233,7 @@ class Recorder:
         self._require_attached()
         if self._optimizer is not None:
             raise RecorderError("this recorder hooks the optimizer; use `with rec.batch(ids):` instead of rec.step")
+        self._check_parameters()
         self._pending.append(as_sample_ids(ids))
         self._record_step()
         self._snapshot()

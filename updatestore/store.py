@@ -12,17 +12,20 @@ from zarr.storage import MemoryStore  # noqa: F401 - used by the docstring examp
 
 from . import __version__, ledger as _ledger
 from ._backend import CountingStore, PathLike, check_exists, open_root, prepare_new, resolve, take_lock
-from ._format import LayerSpec, check_store, create_tree, model_fingerprint, new_meta, plan_layers, read_counts
+from ._format import LayerSpec, check_store, create_tree, plan_store, read_counts
 from ._index import SampleIndex, StepTable, as_sample_ids, as_steps
+from ._lineage import read_events
 from ._owners import OwnerTable
 from ._params import match_model, named_shapes, trainable
 from ._purge import purge_steps
+from ._rollback import align, check_state
 from ._reader import Reader, Rows
-from ._writer import BlockWriter, WriterSink
-from .config import StoreConfig, resolve_keep
+from ._writer import BlockWriter, WriterSink, check_commit_seconds
+from .config import StoreConfig
 from .distributed import require_writer_rank
 from .errors import ConfigError, ReadOnlyStoreError, RecorderError
 from .footprint import Footprint, measure
+from .ledger import weights_fingerprint
 from .recorder import Recorder
 
 __all__ = ["UpdateStore"]
@@ -73,14 +76,9 @@ class UpdateStore:
         """
         config = StoreConfig(keep=keep, value_dtype=value_dtype, positions=positions,
                              buffer_bytes=buffer_bytes, clevel=clevel)
-        named = named_shapes(trainable(model))
-        if not named:
-            raise ConfigError("the model has no trainable parameters to record")
-        specs, block = plan_layers(named, resolve_keep(config.keep, [n for n, *_ in named]), config)
+        specs, block, meta = plan_store(named_shapes(trainable(model)), config, __version__)
         store, where = resolve(path, read_only=False, storage_options=storage_options)
-        overwrite = prepare_new(store, where, overwrite)
-        meta = new_meta(specs, block, config, model_fingerprint(named), __version__)
-        root = open_root(store, where, "w" if overwrite else "w-")
+        root = open_root(store, where, "w" if prepare_new(store, where, overwrite) else "w-")
         create_tree(root, specs, block, config, meta)
         return cls(root, where, "r+")
 
@@ -96,8 +94,7 @@ class UpdateStore:
             raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
         store, where = resolve(path, read_only=mode == "r", storage_options=storage_options)
         check_exists(store, where)
-        root = open_root(store, where, mode)
-        return cls(root, where, mode)
+        return cls(open_root(store, where, mode), where, mode)
 
     def __enter__(self) -> "UpdateStore":
         return self
@@ -126,16 +123,8 @@ class UpdateStore:
     config = property(lambda self: StoreConfig.from_dict(self._meta["config"]), doc="The store's StoreConfig.")
     meta = property(lambda self: dict(self._meta), doc="Format and library version, fingerprint, layers...")
     bytes_read = property(lambda self: self._counter.bytes_read, doc="Bytes read from storage by this handle.")
-
-    @property
-    def num_batches(self) -> int:
-        """Committed steps (optimizer steps, "batches"), skipped ones included."""
-        return self._counts()[0]
-
-    @property
-    def num_samples(self) -> int:
-        """Sample IDs indexed, counting each repeat across epochs."""
-        return self._counts()[1]
+    num_batches = property(lambda self: self._counts()[0], doc="Committed steps (optimizer steps), skipped included.")
+    num_samples = property(lambda self: self._counts()[1], doc="Sample IDs indexed, each repeat across epochs counted.")
 
     def _counts(self) -> tuple[int, int]:
         if self._writer is not None:
@@ -151,27 +140,45 @@ class UpdateStore:
         if self._closed:
             raise ReadOnlyStoreError(f"cannot {what}: store {self._where} is closed; open it again")
 
+    def _no_writer(self) -> None:
+        if self._writer is not None:
+            raise RecorderError(f"store {self._where} already has a recorder attached; detach it first")
+
     # ------------------------------------------------------------ recording
     def check_model(self, model: torch.nn.Module) -> list[tuple[LayerSpec, torch.nn.Parameter]]:
         """Pair each recorded layer with ``model``'s parameter of that name, or ``ModelMismatchError``."""
         return match_model(self._specs, model, self._where)
 
     def recorder(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 watch: Any = None, process_group: Any = None) -> Recorder:
-        """A :class:`Recorder` for ``model`` writing into this store (``"r+"``); use it as a context manager."""
+                 watch: Any = None, process_group: Any = None, resume: dict[str, Any] | None = None,
+                 commit_seconds: float | None = 5.0) -> Recorder:
+        """A :class:`Recorder` for ``model`` writing into this store (``"r+"``); use it as a context manager.
+
+        ``resume=``: the ``rec.state_dict()`` saved with the checkpoint a run resumes from; later
+        steps are rolled back (``StoreBehindCheckpointError`` if the store lacks some of its steps).
+        ``commit_seconds`` bounds what a crash loses (``None``: full blocks and checkpoints only).
+        """
         self._require_writable("record")
         require_writer_rank(process_group)
-        sink = WriterSink(self._open_writer)
-        sink.recorder = Recorder(sink, self.check_model(model), optimizer, watch=watch, process_group=process_group)
+        params = self.check_model(model)
+        check_commit_seconds(commit_seconds)
+        if resume is not None:
+            self._no_writer()
+            self._steps, self._samples = align(self._root, self._where, self._specs, check_state(resume),
+                                               weights_fingerprint(model), *self._counts())
+            self._table.invalidate()
+            self._reader.invalidate()
+        sink = WriterSink(lambda s: self._open_writer(s, commit_seconds))
+        sink.recorder = Recorder(sink, params, optimizer, watch=watch, process_group=process_group, model=model)
         return sink.recorder
 
-    def _open_writer(self, sink: WriterSink) -> BlockWriter:
+    def _open_writer(self, sink: WriterSink, commit_seconds: float | None) -> BlockWriter:
         self._require_writable("record")
-        if self._writer is not None:
-            raise RecorderError(f"store {self._where} already has a recorder attached; detach it first")
+        self._no_writer()
         steps, samples = self._counts()
         self._writer = BlockWriter(self._root, list(self._specs), self._meta["block_steps"], self.value_dtype,
-                                   steps, samples, on_close=self._writer_closed)
+                                   steps, samples, where=self._where, commit_seconds=commit_seconds,
+                                   on_close=self._writer_closed)
         self._sink = sink
         return self._writer
 
@@ -242,6 +249,10 @@ class UpdateStore:
         return self._reader.read(names, steps, status[steps], index.num_steps)
 
     # ------------------------------------------------------------ ledger, purge, footprint
+    def history(self) -> list[dict[str, Any]]:
+        """The lineage: checkpoints and closes (step, weights' fingerprint) and rollbacks, oldest first."""
+        return read_events(self._root, self._where)
+
     def ledger(self) -> list[dict[str, Any]]:
         """The audit ledger: one entry per unlearning (time, method, hashed sample IDs,
         steps subtracted, model fingerprint before and after, whether rows were purged)."""
@@ -268,8 +279,7 @@ class UpdateStore:
         >>> store.purge(report.steps_hit, samples=[3, 17])   # doctest: +SKIP
         """
         self._require_writable("purge")
-        if self._writer is not None:
-            raise RecorderError(f"cannot purge store {self._where} while a recorder is attached; detach it first")
+        self._no_writer()
         index, status = self._index()
         steps = np.unique(as_steps(steps, index.num_steps, where=f"store {self._where}"))
         ids = None if samples is None else as_sample_ids(samples, what="samples to purge")
@@ -285,6 +295,5 @@ class UpdateStore:
         """Bytes on disk (total and per layer) against a dense float32 log of the stored steps."""
         return measure(self._counter._store, self._specs, self._index()[1])
 
-    def __repr__(self) -> str:
-        return (f"UpdateStore({self._where!r}, mode={self._mode!r}, steps={self._steps}, "
-                f"layers={len(self._specs)}, value_dtype={self.value_dtype!r})")
+    def __repr__(self) -> str:  # noqa: D105
+        return f"UpdateStore({self._where!r}, mode={self._mode!r}, steps={self._steps}, layers={len(self._specs)})"

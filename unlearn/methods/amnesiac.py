@@ -15,7 +15,7 @@ from updatestore import ConfigError, LayerSpec, UpdateStore, kept_count, resolve
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
 from ..report import UnlearnReport
-from ..request import record, resolve
+from ..request import log, purge as purge_request, resolve
 
 __all__ = ["amnesiac", "pick_device", "AUTO_CANDIDATES"]
 
@@ -124,7 +124,7 @@ def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None, *, owners: Any = None,
              keep: float | Mapping[str, float] | Auto | None = None, device: str | torch.device | None = None,
              dry_run: bool = False, block_steps: int = 16, progress: bool = False, ledger: bool = True,
-             purge: bool = True, **legacy: Any) -> UnlearnReport:
+             purge: bool | str = True, allow_unknown_model: bool = False, **legacy: Any) -> UnlearnReport:
     """Forget ``sample_ids`` (and every sample of ``owners``) by subtracting the stored updates
     of every step that used them: θ' = θ − Σ_b Δθ_b, with Δθ_b as stored (all of it at
     keep = 1, the layer-wise top-k otherwise).
@@ -136,6 +136,13 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     subtracted from this very model (by a hash of its weights) are not subtracted
     again. ``ledger=True`` appends an audit entry; ``purge=True`` then erases the
     subtracted rows and the forgotten IDs from disk (both need ``"r+"``).
+
+    Purging is irreversible, so it should follow the save of the unlearned model:
+    ``purge="deferred"`` writes the ledger entry but leaves the rows until you call
+    ``report.commit()`` after saving (a crash in between loses nothing: the entry lets a
+    retry with the saved model skip the subtraction and finish the purge). A model whose
+    weights the store never saw (not at a checkpoint, not at the end of recording, not as an
+    unlearning's result) is refused unless ``allow_unknown_model=True``.
 
     ``keep`` chooses the pruning at deletion time: only the top-k' of each stored row
     (k' = ceil(keep × numel) ≤ the recorded k; a float or ``{pattern: ratio}``), or
@@ -157,6 +164,8 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                            legacy.get("candidates"))
     elif legacy:
         raise ConfigError(f"{sorted(legacy)} only go with keep='auto'; pass keep=unlearn.Auto(...) instead")
+    if purge not in (True, False, "deferred"):
+        raise ConfigError(f"purge must be True, False or 'deferred', got {purge!r}")
     if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1:
         raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block), got {block_steps!r}")
     pairs = store.check_model(model)
@@ -164,7 +173,8 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
     ks = [_counts_for(store, pairs, r, clip=auto) for r in ratios]
-    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge))
+    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge is not False),
+                  allow_unknown_model=allow_unknown_model)
     read0 = store.bytes_read
     chosen, table, applied = ks[0], [], False
     if not dry_run and req.hit.size:
@@ -187,8 +197,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     bytes_read = store.bytes_read - read0  # before the purge, whose rewrites read chunks too
     method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
     kept = {spec.name: k for (spec, _), k in zip(pairs, chosen)}
-    entry, purged = (None, False) if dry_run else record(store, req, model, method=method, applied=applied,
-                                                         kept=kept, ledger=ledger, purge=purge)
+    entry = log(store, req, model, method=method, kept=kept) if applied and ledger and not dry_run else None
+    purged = purge is True and not dry_run and purge_request(store, req, entry)
+    pending = (lambda: purge_request(store, req, entry)) if purge == "deferred" and not dry_run else None
     return UnlearnReport(
         method=method, requested=int(req.ids.size), found=int(req.found.sum()), unknown=req.unknown,
         steps_hit=req.hit, steps_total=store.num_batches, steps_without_update=req.without_update,
@@ -196,4 +207,5 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         applied=applied, device=str(dev), keep={s.name: s.keep for s in store.layers},
         steps_already_subtracted=int(req.was_done.sum()), steps_unavailable=int(req.unavailable.size),
         already_forgotten=req.already_forgotten, purged=purged, ledger_entry=entry, candidates=table, kept=kept,
+        steps_nonfinite=req.nonfinite, pending_purge=pending,
     )

@@ -5,6 +5,7 @@ from .meta import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PURGED_ID,
+    STATUS_NONFINITE,
     STATUS_NOT_STORED,
     STATUS_PURGED,
     STATUS_RECORDED,
@@ -14,8 +15,8 @@ from .meta import (
     new_meta,
     read_meta,
 )
-from .records import COUNTS, INDEX_RECORD, LEDGER, OWNER_COUNT, read_counts
-from .tree import MAX_BLOCK_STEPS, create_tree, open_arrays, plan_layers
+from .records import COUNTS, INDEX_RECORD, LEDGER, LINEAGE, OWNER_COUNT, read_counts
+from .tree import MAX_BLOCK_STEPS, create_tree, open_arrays, plan_layers, plan_store
 
 
 def check_store(root, where: str) -> tuple[dict, list[LayerSpec], int, int]:
@@ -32,7 +33,7 @@ def check_store(root, where: str) -> tuple[dict, list[LayerSpec], int, int]:
     return meta, specs, steps, samples
 
 __all__ = [
-    "check_store", "FORMAT_NAME", "FORMAT_VERSION", "PURGED_ID", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
+    "check_store", "FORMAT_NAME", "FORMAT_VERSION", "PURGED_ID", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED", "STATUS_NONFINITE",
     "STATUS_PURGED", "LayerSpec", "model_fingerprint", "new_meta", "read_meta", "COUNTS", "INDEX_RECORD",
-    "LEDGER", "OWNER_COUNT", "read_counts", "MAX_BLOCK_STEPS", "create_tree", "open_arrays", "plan_layers",
+    "LEDGER", "LINEAGE", "OWNER_COUNT", "read_counts", "MAX_BLOCK_STEPS", "create_tree", "open_arrays", "plan_layers", "plan_store",
 ]

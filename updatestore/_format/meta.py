@@ -18,7 +18,7 @@ from . import paths
 from .records import META, sha256_json
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
-           "STATUS_PURGED", "PURGED_ID", "MAX_BLOCK_STEPS", "LayerSpec", "new_meta", "read_meta",
+           "STATUS_PURGED", "STATUS_NONFINITE", "PURGED_ID", "MAX_BLOCK_STEPS", "LayerSpec", "new_meta", "read_meta",
            "model_fingerprint"]
 
 FORMAT_NAME = "updatestore"
@@ -29,6 +29,7 @@ STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP
 STATUS_RECORDED = 1  # the pruned update is stored in every layer's row
 STATUS_NOT_STORED = 2  # samples indexed, update not stored (``watch=`` filter)
 STATUS_PURGED = 3  # the update was subtracted by unlearning and its rows erased (``purge``)
+STATUS_NONFINITE = 4  # the update held NaN or infinity (a diverged step): indexed, nothing stored (added in 0.2)
 
 #: Written over purged sample IDs in ``samples/ids``; refused as a sample ID.
 PURGED_ID = -(2**63)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["STEPS", "STATUS", "SAMPLE_END", "SAMPLES", "SAMPLE_IDS", "INDEX", "SORTED_IDS", "SORTED_STEPS",
-           "OWNERS", "OWNER_SAMPLES", "OWNER_KEYS", "LEDGER", "LAYERS", "layer", "values", "positions",
+           "OWNERS", "OWNER_SAMPLES", "OWNER_KEYS", "LEDGER", "LINEAGE", "LAYERS", "layer", "values", "positions",
            "VECTORS", "NON_LAYER_GROUPS"]
 
 STEPS = "steps"  # its attributes hold the commit record
@@ -18,6 +18,7 @@ OWNERS = "owners"
 OWNER_SAMPLES = "owners/sample_ids"
 OWNER_KEYS = "owners/keys"
 LEDGER = "ledger"
+LINEAGE = "lineage"  # checkpoint, close and rollback events (added in 0.2; optional)
 LAYERS = "layers"
 
 #: Every 1-D array, in the order the metadata's array list was first written.

@@ -19,7 +19,7 @@ import zarr
 
 from ..errors import NotAStoreError
 
-__all__ = ["CountRecord", "JsonRecord", "COUNTS", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "META",
+__all__ = ["CountRecord", "JsonRecord", "COUNTS", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LINEAGE", "META",
            "sha256_json", "read_counts"]
 
 
@@ -67,8 +67,14 @@ class JsonRecord:
     check_key: str
 
     def read(self, root: zarr.Group) -> tuple[bool, Any]:
-        """``(present, value)``; ``value`` is ``None`` when present but failing its check."""
-        attrs = dict(_group(root, self.group).attrs)
+        """``(present, value)``: ``(False, None)`` when the group does not exist, ``value`` ``None``
+        when it exists but is unreadable or fails its check."""
+        try:
+            if self.group and self.group not in root:
+                return False, None
+            attrs = dict(_group(root, self.group).attrs)
+        except Exception:  # noqa: BLE001 - a damaged zarr.json: present, but not valid
+            return True, None
         if self.key not in attrs:
             return False, None
         value = attrs[self.key]
@@ -86,6 +92,8 @@ OWNER_COUNT = CountRecord("owners", "owners", ("count",))
 INDEX_RECORD = CountRecord("index", "index", ("steps", "samples"))
 #: The audit ledger's entries.
 LEDGER = JsonRecord("ledger", "entries", "check")
+#: The lineage: where the recorded model's weights were at checkpoints and closes, and rollbacks.
+LINEAGE = JsonRecord("lineage", "events", "check")
 #: The store's self-description in the root group.
 META = JsonRecord("", "updatestore", "updatestore_sha256")
 

@@ -9,13 +9,13 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .._codecs import choose_positions, positions_codec, values_codec
-from ..config import StoreConfig, kept_count
-from ..errors import NotAStoreError
+from ..config import StoreConfig, kept_count, resolve_keep
+from ..errors import ConfigError, NotAStoreError
 from . import paths
-from .meta import MAX_BLOCK_STEPS, LayerSpec
+from .meta import MAX_BLOCK_STEPS, LayerSpec, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -52,6 +52,15 @@ def plan_layers(named_shapes: list[tuple[str, tuple[int, ...], str]], keep: dict
     for s in specs:
         s.validate()
     return specs, block
+
+
+def plan_store(named_shapes: list[tuple[str, tuple[int, ...], str]], config: StoreConfig,
+               library_version: str) -> tuple[list[LayerSpec], int, dict[str, Any]]:
+    """Layer specs, steps per block and metadata of a new store for parameters ``(name, shape, dtype)``."""
+    if not named_shapes:
+        raise ConfigError("the model has no trainable parameters to record")
+    specs, block = plan_layers(named_shapes, resolve_keep(config.keep, [n for n, *_ in named_shapes]), config)
+    return specs, block, new_meta(specs, block, config, model_fingerprint(named_shapes), library_version)
 
 
 def _compressors(clevel: int, shuffle: str) -> list:

@@ -1,0 +1,41 @@
+"""The lineage record: the weights' fingerprint at each checkpoint and close, and each rollback.
+
+Unlearning checks a model against it (a model the store never saw is refused), and
+``updatestore info`` shows it as the store's history.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import zarr
+
+from ._format import LINEAGE, paths
+from .errors import CorruptStoreError
+
+__all__ = ["read_events", "append_event", "known_weights"]
+
+
+def read_events(root: zarr.Group, where: str) -> list[dict[str, Any]]:
+    """Every event, oldest first (empty for a store written before 0.2)."""
+    present, events = LINEAGE.read(root)
+    if not present:
+        return []
+    if not isinstance(events, list):
+        raise CorruptStoreError(f"store {where}: the lineage record (lineage/zarr.json) is damaged")
+    return events
+
+
+def append_event(root: zarr.Group, where: str, event: str, **fields: Any) -> None:
+    events = read_events(root, where)
+    events.append({"event": event, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   **fields})
+    if paths.LINEAGE not in root:
+        root.create_group(paths.LINEAGE)
+    LINEAGE.write(root, events)  # one atomic write
+
+
+def known_weights(events: list[dict[str, Any]]) -> set[str]:
+    """Fingerprints of every model state the recorder vouched for (checkpoints and closes)."""
+    return {e["weights"] for e in events if e.get("event") in ("checkpoint", "close") and e.get("weights")}
