@@ -123,3 +123,77 @@ def test_model_store_mismatch_is_user_error(workdir):
     rc, _, err = run("unlearn", "run.zarr", "--model", "factory:make", "--weights", "lin.safetensors",
                      "--samples", "3", "--out", "o.safetensors", cwd=workdir)
     assert rc == 2 and "was recorded for a model with layer 'conv1.weight'" in err
+
+
+def test_failed_save_leaves_the_store_untouched(workdir):
+    before = file_bytes(workdir / "run.zarr")
+    rc, out, err = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
+                       "--samples", "3,17", "--out", "no/such/dir/out.safetensors", cwd=workdir)
+    assert rc == 2 and "directory no/such/dir does not exist" in err
+    assert file_bytes(workdir / "run.zarr") == before
+
+
+KILLER = r"""
+import os, signal, sys
+target, nth = sys.argv[1], int(sys.argv[2])
+calls = {"n": 0}
+
+def arm(owner, name):
+    real = getattr(owner, name)
+    def wrapper(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    setattr(owner, name, wrapper)
+
+import torch, zarr, updatestore.ledger as ledger
+if target == "subtract":
+    arm(torch.Tensor, "copy_")
+elif target == "ledger":
+    arm(ledger, "append_entry")
+elif target == "output":
+    arm(os, "replace")
+elif target == "purge":
+    arm(zarr.Array, "__setitem__")
+from unlearn.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point,nth", [("subtract", 3), ("output", 1), ("ledger", 1), ("purge", 1), ("purge", 4)])
+def test_sigkill_during_cli_unlearn_then_retry(pristine, workdir, point, nth):
+    """A kill at any point leaves the old state (store untouched, no output) or a state the same
+    request finishes: the final weights equal one subtraction, and the samples are purged."""
+    import unlearn
+
+    (workdir / "killer.py").write_text(KILLER)
+    before = file_bytes(workdir / "run.zarr")
+    args = ["unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--samples", "3,17"]
+    proc = subprocess.run([sys.executable, "killer.py", point, str(nth), *args, "--weights", "w.safetensors",
+                           "--out", "out.safetensors"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    if not (workdir / "out.safetensors").exists():
+        after = file_bytes(workdir / "run.zarr")
+        after.pop("updatestore.lock", None)  # the killed writer's lock, stale: taken over by the retry
+        assert after == before  # old state: nothing changed
+    # the repeated request, on the newest weights the user has; the error says when to use the original ones
+    latest = "out.safetensors" if (workdir / "out.safetensors").exists() else "w.safetensors"
+    rc, out, err = run(*args, "--weights", latest, "--out", "final.safetensors", cwd=workdir)
+    if rc == 2 and "run it again on the weights it started from" in err:
+        rc, out, err = run(*args, "--weights", "w.safetensors", "--out", "final.safetensors", cwd=workdir)
+    assert rc == 0, err
+    with UpdateStore.open(workdir / "run.zarr") as store:
+        assert store.batches_containing([3, 17]).tolist() == []  # forgotten and purged
+        assert store.ledger()[-1]["purged"]
+    # oracle: one unlearning of the same request by the library, on an untouched copy of the store
+    import shutil
+
+    shutil.copytree(pristine / "run.zarr", workdir / "ref.zarr")
+    expected = DigitsCNN()
+    expected.load_state_dict(load_file(str(pristine / "w.safetensors")))
+    with UpdateStore.open(workdir / "ref.zarr", "r+") as ref:
+        unlearn.amnesiac(expected, ref, [3, 17])
+    got = load_file(str(workdir / "final.safetensors"))
+    for k, v in expected.state_dict().items():
+        assert torch.equal(got[k], v), k  # exactly one subtraction

@@ -147,8 +147,9 @@ def _build_model(spec: str):
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from .errors import UnknownModelError
     from .methods import amnesiac
 
     ids = _ids(args)
@@ -167,19 +168,69 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         raise CliError(f"weights {args.weights} do not fit --model {args.model}: {detail}") from None
     if not args.dry_run and args.out is None:
         raise CliError("--out is required (where to write the unlearned weights), or pass --dry-run")
+    if not args.dry_run and not Path(args.out).parent.is_dir():
+        raise CliError(f"cannot write --out {args.out}: directory {Path(args.out).parent} does not exist")
     mode = "r" if args.dry_run or (args.no_ledger and args.no_purge) else "r+"
     with UpdateStore.open(args.store, mode) as store, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # unknown IDs are in the printed report
         if args.device:
             model.to(args.device)
-        report = amnesiac(model, store, ids, device=args.device, dry_run=args.dry_run,
-                          progress=not args.quiet and sys.stderr.isatty(), ledger=not args.no_ledger,
-                          purge=not args.no_purge)
-    if not args.dry_run:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(args.out))
+        # Order of effects: subtract in memory, write --out durably, and only then touch the
+        # store (ledger entry, purge). A failure before the rename leaves the store untouched.
+        try:
+            report = amnesiac(model, store, ids, device=args.device, dry_run=args.dry_run,
+                              progress=not args.quiet and sys.stderr.isatty(), ledger=not args.no_ledger,
+                              purge=not args.no_purge, defer=True)
+        except UnknownModelError as exc:
+            raise CliError(f"{exc}. If an interrupted `updatestore unlearn` wrote these weights, run it again on "
+                           "the weights it started from: nothing of that run reached the store") from None
+        if not args.dry_run:
+            _refuse_stale_weights(report, store, model)
+            _save_atomically(model, Path(args.out))
+            report.commit()
     _print(report.to_dict() | {"out": None if args.dry_run else str(args.out)}, args.json,
            str(report) + ("" if args.dry_run else f"\nwrote {args.out}"))
     return 0
+
+
+def _refuse_stale_weights(report: Any, store: UpdateStore, model: Any) -> None:
+    """Never write an --out that still holds samples the store can no longer subtract (their rows
+    were purged after an earlier unlearning of these IDs), unless the weights are that unlearning's result."""
+    from updatestore import weights_fingerprint
+
+    if report.applied or not (report.steps_unavailable or len(report.already_forgotten)):
+        return
+    if weights_fingerprint(model) in {e.get("model_after") for e in store.ledger()}:
+        return  # an unlearned model: it already had these steps subtracted
+    raise CliError(
+        "these samples were already forgotten and their steps purged from the store, but the weights given "
+        "were never unlearned: nothing was written. Use the weights that unlearning wrote (running this "
+        "command on them finishes an interrupted purge)")
+
+
+def _save_atomically(model: Any, out: Path) -> None:
+    """Write the weights as safetensors through a temporary file, fsync, rename, fsync the directory."""
+    from safetensors.torch import save_file
+
+    # Cloned so that tied weights (one tensor under two names) save as two tensors.
+    state = {k: v.detach().clone().contiguous().cpu() for k, v in model.state_dict().items()}
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write --out {out}: directory {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CliError(f"cannot write --out {out}: {exc.strerror or exc}; the store was not changed") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

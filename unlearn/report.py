@@ -44,21 +44,21 @@ class UnlearnReport:
     kept: dict[str, int] = field(default_factory=dict)
     #: steps holding the samples whose update was NaN/infinite (nothing stored to subtract)
     steps_nonfinite: int = 0
-    #: purge="deferred": the purge that ``commit()`` runs
-    pending_purge: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    #: defer=True: what ``commit()`` writes to the store (ledger entry, purge)
+    pending: Callable[[], tuple[int | None, bool]] | None = field(default=None, repr=False, compare=False)
 
     def commit(self) -> bool:
-        """Purge what ``amnesiac(..., purge="deferred")`` subtracted: call it after the unlearned
-        model is saved. Idempotent; returns whether a purge ran now.
+        """Write what ``amnesiac(..., defer=True)`` held back — the ledger entry, then the purge —
+        once the unlearned model is saved. Idempotent; returns whether it wrote anything now.
 
-        >>> report = unlearn.amnesiac(model, store, ids, purge="deferred")  # doctest: +SKIP
+        >>> report = unlearn.amnesiac(model, store, ids, defer=True)       # doctest: +SKIP
         >>> save_file(model.state_dict(), "model.safetensors"); report.commit()  # doctest: +SKIP
         """
-        pending, self.pending_purge = self.pending_purge, None
+        pending, self.pending = self.pending, None
         if pending is None:
             return False
-        self.purged = pending()
-        return self.purged
+        self.ledger_entry, self.purged = pending()
+        return True
 
     @property
     def share(self) -> float:
@@ -89,7 +89,7 @@ class UnlearnReport:
             "candidates": self.candidates,
             "kept": self.kept,
             "steps_nonfinite": self.steps_nonfinite,
-            "purge_pending": self.pending_purge is not None,
+            "commit_pending": self.pending is not None,
         }
 
     def __str__(self) -> str:
@@ -120,9 +120,10 @@ class UnlearnReport:
                          f"validation acc {c['validation_accuracy']:.3f}" + ("  <- chosen" if c.get("chosen") else ""))
         lines.append(f"read {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.3f} s on {self.device}")
         if self.ledger_entry is not None:
-            lines.append(f"audit ledger entry {self.ledger_entry}" + (
-                "; rows and IDs purged from disk" if self.purged else
-                "; purge pending: call report.commit() after saving the model" if self.pending_purge else ""))
+            lines.append(f"audit ledger entry {self.ledger_entry}"
+                         + ("; rows and IDs purged from disk" if self.purged else ""))
+        elif self.pending is not None:
+            lines.append("nothing written to the store yet: call report.commit() after saving the model")
         elif self.purged:
             lines.append("rows and IDs purged from disk")
         return "\n".join(lines)

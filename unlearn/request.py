@@ -3,8 +3,8 @@
 ``resolve`` finds the samples (by ID or owner), the steps that used them, which of
 those this very model already had subtracted (audit ledger, matched by a hash of
 its weights) and which are gone (purged after unlearning another copy).
-``log`` appends the ledger entry; ``purge`` erases what was subtracted, and must come
-after the caller saved the model (``amnesiac(purge="deferred")`` + ``report.commit()``).
+``log`` appends the ledger entry; ``purge`` erases what was subtracted. Both should come
+after the caller saved the model (``amnesiac(defer=True)`` + ``report.commit()``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from updatestore import (PURGED_ID, STATUS_NONFINITE, STATUS_NOT_STORED, STATUS_PURGED, STATUS_RECORDED,
                          STATUS_SKIPPED, ConfigError, ReadOnlyStoreError, UpdateStore, as_sample_ids, hash_ids,
                          ids_in_ledger, subtracted_in_lineage, weights_fingerprint)
-from updatestore.ledger import now
+from updatestore.ledger import lineage_entries, now
 
 from .errors import UnknownModelError
 
@@ -102,13 +102,13 @@ def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners:
                    int(others.size))
 
 
-def log(store: UpdateStore, request: Request, model: torch.nn.Module, *, method: str,
-        kept: dict[str, int]) -> int:
-    """Append the ledger entry of an applied unlearning (``purged: False`` until :func:`purge`)."""
+def log(store: UpdateStore, request: Request, model_after: str, *, method: str, kept: dict[str, int]) -> int:
+    """Append the ledger entry of an applied unlearning (``purged: False`` until :func:`purge`);
+    ``model_after`` is the fingerprint of the unlearned weights."""
     return store.log_unlearning({
         "time": now(), "method": method, "sample_id_sha256": hash_ids(request.ids[request.found]),
         "steps": request.hit.tolist(), "model_before": request.fingerprint,
-        "model_after": weights_fingerprint(model), "kept_per_step": kept, "purged": False,
+        "model_after": model_after, "kept_per_step": kept, "purged": False,
     })
 
 
@@ -122,6 +122,10 @@ def purge(store: UpdateStore, request: Request, entry: int | None) -> bool:
     ours = request.was_done | np.isin(steps, request.hit)
     leftover = steps[((status[steps] == STATUS_RECORDED) | (status[steps] == STATUS_PURGED)) & ours]
     store.purge(leftover, samples=request.ids[request.found])
-    if entry is not None:
-        store.update_ledger(entry, purged=True)
+    # This request's entry, and earlier ones of this model's lineage whose purge was interrupted.
+    entries, status = store.ledger(), store.step_status()
+    for i in sorted(set(lineage_entries(entries, request.fingerprint)) | ({entry} - {None})):
+        steps = np.asarray(entries[i].get("steps", []), dtype=np.int64)
+        if not entries[i].get("purged") and (status[steps] == STATUS_PURGED).all():
+            store.update_ledger(i, purged=True)
     return True

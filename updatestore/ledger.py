@@ -22,7 +22,7 @@ import zarr
 from ._format import LEDGER, paths
 from .errors import NotAStoreError
 
-__all__ = ["weights_fingerprint", "hash_ids", "subtracted_in_lineage", "ids_in_ledger", "now",
+__all__ = ["weights_fingerprint", "hash_ids", "lineage_entries", "subtracted_in_lineage", "ids_in_ledger", "now",
            "read_entries", "append_entry", "update_entry"]
 
 
@@ -47,6 +47,21 @@ def hash_ids(ids: Iterable[int]) -> list[str]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def lineage_entries(entries: list[dict[str, Any]], fingerprint: str) -> list[int]:
+    """Indices of the ledger entries in the chain that produced the model ``fingerprint``, newest first.
+
+    >>> lineage_entries([{"model_before": "a", "model_after": "b", "steps": [1]}], "b")
+    [0]
+    """
+    after = {e.get("model_after"): i for i, e in enumerate(entries) if e.get("steps")}
+    out: list[int] = []
+    fp = fingerprint
+    while fp in after and after[fp] not in out:
+        out.append(after[fp])
+        fp = entries[after[fp]].get("model_before")
+    return out
 
 
 def subtracted_in_lineage(entries: list[dict[str, Any]], fingerprint: str) -> set[int]:

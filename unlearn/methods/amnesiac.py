@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import ConfigError, LayerSpec, UpdateStore, kept_count, resolve_keep
+from updatestore import ConfigError, LayerSpec, UpdateStore, kept_count, resolve_keep, weights_fingerprint
 
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
@@ -124,7 +124,8 @@ def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None, *, owners: Any = None,
              keep: float | Mapping[str, float] | Auto | None = None, device: str | torch.device | None = None,
              dry_run: bool = False, block_steps: int = 16, progress: bool = False, ledger: bool = True,
-             purge: bool | str = True, allow_unknown_model: bool = False, **legacy: Any) -> UnlearnReport:
+             purge: bool = True, defer: bool = False, allow_unknown_model: bool = False,
+             **legacy: Any) -> UnlearnReport:
     """Forget ``sample_ids`` (and every sample of ``owners``) by subtracting the stored updates
     of every step that used them: θ' = θ − Σ_b Δθ_b, with Δθ_b as stored (all of it at
     keep = 1, the layer-wise top-k otherwise).
@@ -138,9 +139,10 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     subtracted rows and the forgotten IDs from disk (both need ``"r+"``).
 
     Purging is irreversible, so it should follow the save of the unlearned model:
-    ``purge="deferred"`` writes the ledger entry but leaves the rows until you call
-    ``report.commit()`` after saving (a crash in between loses nothing: the entry lets a
-    retry with the saved model skip the subtraction and finish the purge). A model whose
+    ``defer=True`` changes only the model and writes nothing to the store until you call
+    ``report.commit()`` after saving (it then appends the ledger entry and purges, as
+    ``ledger``/``purge`` say). A crash before the commit leaves the store as it was: the
+    same request on the original weights gives the same result. A model whose
     weights the store never saw (not at a checkpoint, not at the end of recording, not as an
     unlearning's result) is refused unless ``allow_unknown_model=True``.
 
@@ -164,8 +166,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                            legacy.get("candidates"))
     elif legacy:
         raise ConfigError(f"{sorted(legacy)} only go with keep='auto'; pass keep=unlearn.Auto(...) instead")
-    if purge not in (True, False, "deferred"):
-        raise ConfigError(f"purge must be True, False or 'deferred', got {purge!r}")
+    for name, flag in (("ledger", ledger), ("purge", purge), ("defer", defer), ("dry_run", dry_run)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1:
         raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block), got {block_steps!r}")
     pairs = store.check_model(model)
@@ -173,7 +176,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
     ks = [_counts_for(store, pairs, r, clip=auto) for r in ratios]
-    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge is not False),
+    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge),
                   allow_unknown_model=allow_unknown_model)
     read0 = store.bytes_read
     chosen, table, applied = ks[0], [], False
@@ -197,9 +200,17 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     bytes_read = store.bytes_read - read0  # before the purge, whose rewrites read chunks too
     method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
     kept = {spec.name: k for (spec, _), k in zip(pairs, chosen)}
-    entry = log(store, req, model, method=method, kept=kept) if applied and ledger and not dry_run else None
-    purged = purge is True and not dry_run and purge_request(store, req, entry)
-    pending = (lambda: purge_request(store, req, entry)) if purge == "deferred" and not dry_run else None
+    after = weights_fingerprint(model) if applied else req.fingerprint
+
+    def commit() -> tuple[int | None, bool]:
+        entry = log(store, req, after, method=method, kept=kept) if applied and ledger else None
+        return entry, purge and purge_request(store, req, entry)
+
+    entry, purged, pending = None, False, None
+    if defer and not dry_run:
+        pending = commit
+    elif not dry_run:
+        entry, purged = commit()
     return UnlearnReport(
         method=method, requested=int(req.ids.size), found=int(req.found.sum()), unknown=req.unknown,
         steps_hit=req.hit, steps_total=store.num_batches, steps_without_update=req.without_update,
@@ -207,5 +218,5 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         applied=applied, device=str(dev), keep={s.name: s.keep for s in store.layers},
         steps_already_subtracted=int(req.was_done.sum()), steps_unavailable=int(req.unavailable.size),
         already_forgotten=req.already_forgotten, purged=purged, ledger_entry=entry, candidates=table, kept=kept,
-        steps_nonfinite=req.nonfinite, pending_purge=pending,
+        steps_nonfinite=req.nonfinite, pending=pending,
     )
