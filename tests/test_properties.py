@@ -40,7 +40,7 @@ def decode_gaps(rows, numel):
 
 
 def values_to_numpy(t, dtype):
-    return values_codec(dtype).to_numpy(t)
+    return values_codec(dtype).from_float32(t.numpy())
 
 
 def values_from_numpy(a, dtype):
@@ -63,7 +63,7 @@ def position_rows(draw):
 def test_gaps_round_trip(case):
     rows, numel, _ = case
     np.testing.assert_array_equal(decode_gaps(encode_gaps(rows, numel), numel), rows)
-    np.testing.assert_array_equal(np.stack([GAPS.encode(torch.from_numpy(r), numel) for r in rows]),
+    np.testing.assert_array_equal(np.stack([GAPS.encode(r, numel) for r in rows]),
                                   encode_gaps(rows, numel))
 
 
@@ -71,7 +71,7 @@ def test_gaps_round_trip(case):
 @settings(max_examples=60, deadline=None)
 def test_bitmap_round_trip(case):
     rows, numel, k = case
-    bm = np.stack([BITMAP.encode(torch.from_numpy(r), numel) for r in rows])
+    bm = np.stack([BITMAP.encode(r, numel) for r in rows])
     assert bm.shape == (len(rows), (numel + 7) // 8)
     np.testing.assert_array_equal(decode_bitmap(bm, numel, k), rows)
     np.testing.assert_array_equal(bm, encode_bitmap(rows, numel))  # agrees with numpy's own bit packing
@@ -84,7 +84,7 @@ def test_values_round_trip_matches_torch_cast(vals, dtype):
     t = torch.tensor(vals, dtype=torch.float32)
     back = values_from_numpy(values_to_numpy(t, dtype), dtype)
     want = t.to(getattr(torch, dtype)).float()
-    assert torch.equal(back, want)
+    assert torch.equal(back, want)  # the writer's numpy cast rounds exactly as torch does (to nearest even)
 
 
 @given(st.integers(1, 300), st.integers(1, 50), st.integers(0, 2**31))
@@ -170,17 +170,11 @@ def test_radix_select_is_topk(numel, keep, seed, kind):
 
 @given(position_rows())
 @settings(max_examples=60, deadline=None)
-def test_device_encoders_match_numpy_encoders(case):
-    from updatestore._codecs.bitmap import pack_bits_torch  # the GPU packing path, run here on the CPU
-
+def test_encoders_match_numpy_oracles(case):
     rows, numel, _ = case
     for row in rows:
-        t = torch.from_numpy(row)
-        np.testing.assert_array_equal(BITMAP.encode(t, numel), encode_bitmap(row[None], numel)[0])
-        np.testing.assert_array_equal(GAPS.encode(t, numel), encode_gaps(row[None], numel)[0])
-        mask = torch.zeros((numel + 7) // 8 * 8, dtype=torch.bool)
-        mask[t] = True
-        np.testing.assert_array_equal(pack_bits_torch(mask).numpy(), encode_bitmap(row[None], numel)[0])
+        np.testing.assert_array_equal(BITMAP.encode(row, numel), encode_bitmap(row[None], numel)[0])
+        np.testing.assert_array_equal(GAPS.encode(row, numel), encode_gaps(row[None], numel)[0])
 
 
 @given(st.lists(st.integers(0, 300), min_size=1, max_size=40, unique=True), st.integers(1, 64))

@@ -22,11 +22,16 @@ PathLike = str | os.PathLike | zarr.abc.store.Store
 
 
 class CountingStore(WrapperStore):
-    """Counts the bytes zarr reads through it (what unlearning reports as bytes read)."""
+    """Counts the bytes zarr reads and writes through it (bytes read by unlearning; write amplification)."""
 
     def __init__(self, store: zarr.abc.store.Store) -> None:
         super().__init__(store)
         self.bytes_read = 0
+        self.bytes_written = 0
+
+    async def set(self, key, value):  # type: ignore[no-untyped-def]
+        self.bytes_written += len(value)
+        await self._store.set(key, value)
 
     async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
         buf = await self._store.get(key, prototype, byte_range)

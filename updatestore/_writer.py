@@ -178,18 +178,23 @@ class BlockWriter:
     def _add(self, rec: StepRecord) -> None:
         r = self._n
         status = rec.status
-        # The kept entries are each layer's largest |Δ|: the step changed the model iff one is non-zero.
-        if status == STATUS_RECORDED and not all(bool(torch.isfinite(v).all()) for v, _ in rec.rows or []):
-            status = STATUS_NONFINITE
-            warnings.warn(f"step {self._start + r} of store {self._where} changed the parameters by NaN or "
-                          "infinity (a diverged step): its samples are indexed, its update is not stored and "
-                          "cannot be subtracted", RuntimeWarning, stacklevel=1)
-        elif status == STATUS_RECORDED and not any(bool(v.ne(0).any()) for v, _ in rec.rows or []):
-            status = STATUS_SKIPPED
+        rows = None
+        if status == STATUS_RECORDED:
+            # Host float32 arrays, then numpy only: torch ops on this thread would compete with the
+            # training thread's (measured: recording 1.8× slower on the digits CNN with 2 cores).
+            rows = [(v.detach().float().cpu().numpy(), None if p is None else p.cpu().numpy()) for v, p in rec.rows]
+            if not all(np.isfinite(v).all() for v, _ in rows):
+                status = STATUS_NONFINITE
+                warnings.warn(f"step {self._start + r} of store {self._where} changed the parameters by NaN or "
+                              "infinity (a diverged step): its samples are indexed, its update is not stored and "
+                              "cannot be subtracted", RuntimeWarning, stacklevel=1)
+            elif not any(v.any() for v, _ in rows):
+                # The kept entries are each layer's largest |Δ|: all zero means nothing changed.
+                status = STATUS_SKIPPED
         self._status[r] = status
         if status == STATUS_RECORDED:
-            for i, ((vals, pos), spec, codec) in enumerate(zip(rec.rows, self._specs, self._codecs)):
-                self._vals[i][r] = self._values.to_numpy(vals)
+            for i, ((vals, pos), spec, codec) in enumerate(zip(rows, self._specs, self._codecs)):
+                self._vals[i][r] = self._values.from_float32(vals)
                 if self._pos[i] is not None:
                     self._pos[i][r] = codec.encode(pos, spec.numel)
         else:

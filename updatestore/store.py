@@ -115,7 +115,6 @@ class UpdateStore:
             self._lock.release()
         self._closed = True
 
-    # ------------------------------------------------------------ description
     path = property(lambda self: self._where, doc="Where the store is (path or URL).")
     mode = property(lambda self: self._mode, doc='"r" or "r+".')
     layers = property(lambda self: self._specs, doc="The recorded layers: name, shape, dtype, keep, k, encoding.")
@@ -123,6 +122,7 @@ class UpdateStore:
     config = property(lambda self: StoreConfig.from_dict(self._meta["config"]), doc="The store's StoreConfig.")
     meta = property(lambda self: dict(self._meta), doc="Format and library version, fingerprint, layers...")
     bytes_read = property(lambda self: self._counter.bytes_read, doc="Bytes read from storage by this handle.")
+    bytes_written = property(lambda self: self._counter.bytes_written, doc="Bytes written by this handle.")
     num_batches = property(lambda self: self._counts()[0], doc="Committed steps (optimizer steps), skipped included.")
     num_samples = property(lambda self: self._counts()[1], doc="Sample IDs indexed, each repeat across epochs counted.")
 

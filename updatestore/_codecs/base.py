@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import torch
 
 __all__ = ["PositionsCodec", "CorruptRowError"]
 
@@ -30,8 +29,9 @@ class PositionsCodec(Protocol):
     def dtype(self, numel: int) -> np.dtype:
         """Element dtype of the stored rows."""
 
-    def encode(self, positions: torch.Tensor, numel: int) -> np.ndarray | None:
-        """One step's sorted positions (a 1-D tensor on any device) → one host row."""
+    def encode(self, positions: np.ndarray, numel: int) -> np.ndarray | None:
+        """One step's sorted positions (1-D int64) → one stored row (plain numpy: the writer
+        thread runs it, and torch ops there would contend with training for the CPU)."""
 
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         """Stored rows ``(n, width)`` → sorted positions ``(n, k)`` int64; ``CorruptRowError`` if invalid."""

@@ -6,21 +6,14 @@ Packed most-significant-bit first (``numpy.packbits``), ``ceil(numel / 8)`` byte
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .base import CorruptRowError
 
-__all__ = ["Bitmap", "bitmap_nbytes", "pack_bits_torch"]
+__all__ = ["Bitmap", "bitmap_nbytes"]
 
 
 def bitmap_nbytes(numel: int) -> int:
     return (numel + 7) // 8
-
-
-def pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
-    """``numpy.packbits`` on the tensor's device (MSB first); ``mask.numel()`` % 8 == 0."""
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
-    return (mask.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
 
 
 class Bitmap:
@@ -34,13 +27,10 @@ class Bitmap:
     def dtype(self, numel: int) -> np.dtype:
         return np.dtype("uint8")
 
-    def encode(self, positions: torch.Tensor, numel: int) -> np.ndarray:
-        # Packed on the positions' device: numel/8 bytes cross the bus, not 8 bytes per entry.
-        mask = torch.zeros(bitmap_nbytes(numel) * 8, dtype=torch.bool, device=positions.device)
+    def encode(self, positions: np.ndarray, numel: int) -> np.ndarray:
+        mask = np.zeros(bitmap_nbytes(numel) * 8, dtype=bool)
         mask[positions] = True
-        if mask.device.type == "cpu":
-            return np.packbits(mask.numpy())
-        return pack_bits_torch(mask).cpu().numpy()
+        return np.packbits(mask)
 
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         # Unpacks a few rows at a time (≤ 32 MiB of bits) and takes flatnonzero:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 __all__ = ["Dense"]
 
@@ -19,7 +18,7 @@ class Dense:
     def dtype(self, numel: int) -> np.dtype:
         return np.dtype("int64")
 
-    def encode(self, positions: torch.Tensor | None, numel: int) -> None:
+    def encode(self, positions: np.ndarray | None, numel: int) -> None:
         return None
 
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:

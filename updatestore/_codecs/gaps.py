@@ -6,7 +6,6 @@ Unsigned, 16-bit when the layer has at most 65 536 entries, else 32-bit.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .base import CorruptRowError
 
@@ -28,9 +27,8 @@ class Gaps:
     def dtype(self, numel: int) -> np.dtype:
         return gap_dtype(numel)
 
-    def encode(self, positions: torch.Tensor, numel: int) -> np.ndarray:
-        gaps = torch.diff(positions, prepend=positions.new_zeros(1))
-        return gaps.to(torch.int32).cpu().numpy().astype(gap_dtype(numel))
+    def encode(self, positions: np.ndarray, numel: int) -> np.ndarray:
+        return np.diff(positions, prepend=0).astype(gap_dtype(numel))
 
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         pos = np.cumsum(rows, axis=1, dtype=np.int64)

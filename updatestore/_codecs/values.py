@@ -21,12 +21,14 @@ class ValuesCodec:
     torch_dtype: torch.dtype
     storage: np.dtype  # what the Zarr array holds
 
-    def to_numpy(self, values: torch.Tensor) -> np.ndarray:
-        """Cast on the tensor's device, copy to the host, view as the storage dtype."""
-        t = values.detach().to(self.torch_dtype, copy=True).cpu()
+    def from_float32(self, values: np.ndarray) -> np.ndarray:
+        """float32 values → the storage dtype, in numpy (bfloat16: round to nearest even, as torch does)."""
+        a = np.ascontiguousarray(values, dtype=np.float32)
         if self.name == "bfloat16":
-            return t.view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
+            bits = a.view(np.uint32)
+            return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        with np.errstate(over="ignore"):  # float16 overflows to inf, as torch's cast does (FORMAT.md)
+            return a.astype(self.storage, copy=False)
 
     def to_torch(self, stored: np.ndarray) -> torch.Tensor:
         """Stored array → float32 tensor (exact)."""
