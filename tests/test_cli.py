@@ -35,6 +35,19 @@ def pristine(tmp_path_factory):
     return d
 
 
+def assert_one_subtraction(store_dir, weights, ids, written):
+    """Oracle: the library's unlearning of ``ids`` from ``weights`` with an untouched store equals ``written``."""
+    import unlearn
+
+    model = DigitsCNN()
+    model.load_state_dict(load_file(str(weights)))
+    with UpdateStore.open(store_dir, "r+") as store:
+        unlearn.amnesiac(model, store, ids)
+    got = load_file(str(written))
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+
 @pytest.fixture
 def workdir(pristine, tmp_path):
     """This test's own copy of the pristine directory: no test sees another's purge."""
@@ -73,15 +86,7 @@ def test_unlearn_writes_safetensors_equal_to_library(workdir):
     assert rc == 0, err
     report = json.loads(out)
     assert report["found"] == 2 and report["applied"]
-    import unlearn
-
-    model = DigitsCNN()
-    model.load_state_dict(load_file(str(workdir / "w.safetensors")))
-    with UpdateStore.open(workdir / "copy.zarr", "r+") as store:
-        unlearn.amnesiac(model, store, [3, 17])
-    got = load_file(str(workdir / "out.safetensors"))
-    for k, v in model.state_dict().items():
-        assert torch.equal(got[k], v)
+    assert_one_subtraction(workdir / "copy.zarr", workdir / "w.safetensors", [3, 17], workdir / "out.safetensors")
     rc, out, _ = run("info", "run.zarr", "--json", cwd=workdir)
     info = json.loads(out)
     assert info["ledger"][0]["steps"] == report["steps_hit"] and info["ledger"][0]["purged"]
@@ -165,8 +170,6 @@ sys.exit(main(sys.argv[3:]))
 def test_sigkill_during_cli_unlearn_then_retry(pristine, workdir, point, nth):
     """A kill at any point leaves the old state (store untouched, no output) or a state the same
     request finishes: the final weights equal one subtraction, and the samples are purged."""
-    import unlearn
-
     (workdir / "killer.py").write_text(KILLER)
     before = file_bytes(workdir / "run.zarr")
     args = ["unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--samples", "3,17"]
@@ -190,10 +193,4 @@ def test_sigkill_during_cli_unlearn_then_retry(pristine, workdir, point, nth):
     import shutil
 
     shutil.copytree(pristine / "run.zarr", workdir / "ref.zarr")
-    expected = DigitsCNN()
-    expected.load_state_dict(load_file(str(pristine / "w.safetensors")))
-    with UpdateStore.open(workdir / "ref.zarr", "r+") as ref:
-        unlearn.amnesiac(expected, ref, [3, 17])
-    got = load_file(str(workdir / "final.safetensors"))
-    for k, v in expected.state_dict().items():
-        assert torch.equal(got[k], v), k  # exactly one subtraction
+    assert_one_subtraction(workdir / "ref.zarr", pristine / "w.safetensors", [3, 17], workdir / "final.safetensors")

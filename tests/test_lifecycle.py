@@ -20,6 +20,17 @@ def batch(step):
     return torch.randn(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g), np.arange(4) + 4 * step
 
 
+def recorded(store_path, steps=3, keep=0.5):
+    """A model trained ``steps`` steps with a store attached: ``(model, optimizer, store, state at the end)``."""
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = UpdateStore.create(store_path, model, keep=keep)
+    with store.recorder(model, opt) as rec:
+        run_steps(rec, model, opt, range(steps))
+        state = rec.state_dict()
+    return model, opt, store, state
+
+
 def run_steps(rec, model, opt, steps):
     for s in steps:
         x, y, ids = batch(s)
@@ -62,12 +73,8 @@ def test_resume_from_checkpoint_rolls_back_the_lost_lineage(store_path):
 
 
 def test_store_behind_checkpoint_is_a_clear_error_and_changes_nothing(store_path):
-    model = make_tiny()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with UpdateStore.create(store_path, model, keep=0.5) as store:
-        with store.recorder(model, opt) as rec:
-            run_steps(rec, model, opt, range(3))
-            state = rec.state_dict()
+    model, opt, store, state = recorded(store_path)
+    store.close()
     files = file_bytes(store_path)
     ahead = dict(state, steps=7, samples=28)
     with UpdateStore.open(store_path, "r+") as store:
@@ -126,7 +133,7 @@ def test_parameter_unfrozen_or_added_after_attach_stops_the_step(store_path):
             run_steps(rec, model, opt, [2])
 
 
-def test_non_finite_step_gets_its_own_status_and_is_reported(store_path):
+def test_non_finite_step_gets_its_own_status_and_is_reported(store_path, capsys):
     model = make_tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with UpdateStore.create(store_path, model, keep=0.5) as store:
@@ -143,14 +150,15 @@ def test_non_finite_step_gets_its_own_status_and_is_reported(store_path):
         assert store.step_status().tolist() == [1, STATUS_NONFINITE]
         report = unlearn.amnesiac(model, store, [99], allow_unknown_model=True, ledger=False, purge=False)
     assert report.steps_nonfinite == 1 and "NaN/infinite" in str(report) and not report.applied
+    from unlearn.cli import main
+
+    assert main(["info", str(store_path)]) == 0
+    assert "1 non-finite (NaN/inf, not stored)" in capsys.readouterr().out
 
 
 def test_model_the_store_never_saw_is_refused(store_path):
-    model = make_tiny()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with UpdateStore.create(store_path, model, keep=0.5) as store:
-        with store.recorder(model, opt) as rec:
-            run_steps(rec, model, opt, range(3))
+    model, opt, store, _ = recorded(store_path)
+    with store:
         fresh = make_tiny(seed=5)
         with pytest.raises(unlearn.UnknownModelError, match="allow_unknown_model=True"):
             unlearn.amnesiac(fresh, store, [0])
@@ -159,11 +167,8 @@ def test_model_the_store_never_saw_is_refused(store_path):
 
 
 def test_defer_writes_nothing_until_commit(store_path):
-    model = make_tiny()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with UpdateStore.create(store_path, model, keep=0.5) as store:
-        with store.recorder(model, opt) as rec:
-            run_steps(rec, model, opt, range(4))
+    model, opt, store, _ = recorded(store_path, steps=4)
+    with store:
         files = file_bytes(store_path)
         report = unlearn.amnesiac(model, store, [1], defer=True)
         assert report.applied and file_bytes(store_path) == files  # the caller saves the model now

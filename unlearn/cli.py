@@ -19,6 +19,7 @@ import numpy as np
 
 from updatestore import (
     PURGED_ID,
+    STATUS_NONFINITE,
     STATUS_NOT_STORED,
     STATUS_PURGED,
     STATUS_RECORDED,
@@ -83,19 +84,25 @@ def cmd_info(args: argparse.Namespace) -> int:
             "footprint": fp.to_dict(),
             "ledger": store.ledger(),
             "steps_purged": int((status == STATUS_PURGED).sum()),
+            "steps_nonfinite": int((status == STATUS_NONFINITE).sum()),
+            "history": store.history(),
         }
     width = max(len(layer["name"]) for layer in info["layers"])
     lines = [
         f"store {info['path']}: format {info['format_version']}, written by updatestore {info['library_version']} "
         f"on {info['created']}",
         f"steps: {info['steps']} ({info['steps_recorded']} recorded, {info['steps_skipped']} skipped, "
-        f"{info['steps_not_stored']} indexed only, {info['steps_purged']} purged); "
+        f"{info['steps_not_stored']} indexed only, {info['steps_purged']} purged"
+        f"{', ' + str(info['steps_nonfinite']) + ' non-finite (NaN/inf, not stored)' if info['steps_nonfinite'] else ''}); "
         f"samples indexed: {info['samples_indexed']} "
         f"({info['distinct_samples']} distinct); values: {info['value_dtype']}",
         "layers:",
         *[f"  {lay['name']:<{width}}  {str(tuple(lay['shape'])):<16} keep {lay['keep']:<6} k {lay['k']:<8} "
           f"{lay['positions']}" for lay in info["layers"]],
         str(fp),
+        f"history: {len(info['history'])} event(s)" + "".join(
+            f"; {e.get('event')} at step {e.get('step')}" + (f" (from {e.get('from_step')})" if 'from_step' in e else "")
+            for e in info["history"][-5:]),
         f"audit ledger: {len(info['ledger'])} unlearning(s); {info['steps_purged']} step(s) purged",
         *[f"  [{i}] {e.get('time')} {e.get('method')}: {len(e.get('sample_id_sha256', []))} samples, "
           f"{len(e.get('steps', []))} steps, model {str(e.get('model_before'))[:12]} -> "
@@ -285,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo, passthrough=True)
 
     s = sub.add_parser("bench", help="run a benchmark script (other options go to it)")
-    s.add_argument("name", choices=["storage", "speed", "paper", "batching", "scale"])
+    s.add_argument("name", choices=["storage", "speed", "paper", "batching", "scale", "lifecycle"])
     s.add_argument("--quick", action="store_true")
     s.set_defaults(func=cmd_bench, passthrough=True)
     return p

@@ -11,7 +11,7 @@ from typing import Any
 
 import zarr
 
-from ._format import LINEAGE, paths
+from ._format import LINEAGE
 from .errors import CorruptStoreError
 
 __all__ = ["read_events", "append_event", "known_weights"]
@@ -19,20 +19,14 @@ __all__ = ["read_events", "append_event", "known_weights"]
 
 def read_events(root: zarr.Group, where: str) -> list[dict[str, Any]]:
     """Every event, oldest first (empty for a store written before 0.2)."""
-    present, events = LINEAGE.read(root)
-    if not present:
-        return []
-    if not isinstance(events, list):
-        raise CorruptStoreError(f"store {where}: the lineage record (lineage/zarr.json) is damaged")
-    return events
+    return LINEAGE.read_list(root, CorruptStoreError(f"store {where}: the lineage record (lineage/zarr.json) "
+                                                     "is damaged"))
 
 
 def append_event(root: zarr.Group, where: str, event: str, **fields: Any) -> None:
     events = read_events(root, where)
     events.append({"event": event, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    **fields})
-    if paths.LINEAGE not in root:
-        root.create_group(paths.LINEAGE)
     LINEAGE.write(root, events)  # one atomic write
 
 

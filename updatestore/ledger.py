@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from ._format import LEDGER, paths
+from ._format import LEDGER
 from .errors import NotAStoreError
 
 __all__ = ["weights_fingerprint", "hash_ids", "lineage_entries", "subtracted_in_lineage", "ids_in_ledger", "now",
@@ -91,25 +91,14 @@ def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
 
 def read_entries(root: zarr.Group, where: str) -> list[dict[str, Any]]:
     """The ledger's entries (empty when nothing was unlearned yet)."""
-    present, entries = LEDGER.read(root)
-    if not present:
-        return []
-    if not isinstance(entries, list):
-        raise NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged")
-    return entries
-
-
-def _write(root: zarr.Group, entries: list[dict[str, Any]]) -> None:
-    if paths.LEDGER not in root:
-        root.create_group(paths.LEDGER)
-    LEDGER.write(root, entries)  # one atomic write of the whole ledger
+    return LEDGER.read_list(root, NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged"))
 
 
 def append_entry(root: zarr.Group, where: str, entry: dict[str, Any]) -> int:
     """Append ``entry``; returns its index."""
     entries = read_entries(root, where)
     entries.append(dict(entry))
-    _write(root, entries)
+    LEDGER.write(root, entries)  # one atomic write of the whole ledger
     return len(entries) - 1
 
 
@@ -119,4 +108,4 @@ def update_entry(root: zarr.Group, where: str, index: int, **fields: Any) -> Non
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(entries):
         raise IndexError(f"{where}: the audit ledger has no entry {index!r} ({len(entries)} entries)")
     entries[index] = dict(entries[index], **fields)
-    _write(root, entries)
+    LEDGER.write(root, entries)  # one atomic write of the whole ledger

@@ -81,7 +81,16 @@ class JsonRecord:
         return True, value if attrs.get(self.check_key) == sha256_json(value) else None
 
     def write(self, root: zarr.Group, value: Any) -> None:
+        if self.group and self.group not in root:
+            root.create_group(self.group)
         _group(root, self.group).update_attributes({self.key: value, self.check_key: sha256_json(value)})
+
+    def read_list(self, root: zarr.Group, damaged: Exception) -> list[Any]:
+        """The record's list (empty when the group does not exist yet); ``damaged`` is raised otherwise."""
+        present, value = self.read(root)
+        if present and not isinstance(value, list):
+            raise damaged
+        return value if present else []
 
 
 #: The commit record: readers trust exactly these many steps and sample IDs.
