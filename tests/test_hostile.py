@@ -116,3 +116,52 @@ def test_forged_index_record_is_rebuilt_from_the_sample_ids(tmp_path, forge):
     with UpdateStore.open(tmp_path / "s") as store:
         for q in ([0], [30, 31], [59, 60, 999]):
             assert store.batches_containing(q).tolist() == steps_with(ids, q)
+
+
+@pytest.mark.parametrize("victim,message", [
+    ("samples/ids/c/0", r"samples/ids is missing chunk\(s\) \[0\]"),
+    ("steps/status/c/0", r"steps/status is missing chunk\(s\) \[0\]"),
+    ("steps/sample_end/c/0", r"steps/sample_end is missing chunk\(s\) \[0\]"),
+    ("layers/fc1.weight/values/c/0/0", r"layer 'fc1.weight': the shard of steps 0\.\.\d+ is missing"),
+    ("layers/fc2.weight/positions/c/0/0", r"layer 'fc2.weight': the shard of steps 0\.\.\d+ is missing"),
+    ("layers/fc2.bias/values/c/0/0", r"layer 'fc2.bias': the shard of steps 0\.\.\d+ is missing"),
+])
+def test_a_deleted_chunk_is_corruption_not_zeros(tmp_path, victim, message):
+    """Zarr reads a missing chunk as zeros: a deleted chunk must be a clean error that changes
+    nothing (it used to subtract a zero update, or map IDs to zeros)."""
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep={"fc2.bias": 1.0, "*": 0.3}) as store:
+        train(store, model, steps=6)
+    (tmp_path / "s" / victim).unlink()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with UpdateStore.open(tmp_path / "s", "r+") as store:
+        with pytest.raises(CorruptStoreError, match=message):
+            unlearn.amnesiac(model, store, [3])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_a_deleted_chunk_of_the_sorted_index_is_rebuilt(tmp_path):
+    """The persisted sorted index is a cache: with a chunk gone it would map samples to step 0
+    (which was then subtracted and purged); it is checked and rebuilt from the sample IDs."""
+    from conftest import steps_with
+
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.3) as store:
+        _, ids = train(store, model, steps=12, ids_fn=lambda s: np.arange(5) + 100 + 5 * s)
+    for name in ("sorted_ids", "sorted_steps"):
+        shutil.copy(tmp_path / "s" / "index" / name / "c" / "0", tmp_path / f"{name}.bak")
+    for name in ("sorted_ids", "sorted_steps"):
+        (tmp_path / "s" / "index" / name / "c" / "0").unlink()
+        with UpdateStore.open(tmp_path / "s") as store:
+            for q in ([100], [157, 130]):
+                assert store.batches_containing(q).tolist() == steps_with(ids, q)
+        shutil.copy(tmp_path / f"{name}.bak", tmp_path / "s" / "index" / name / "c" / "0")
+
+
+def test_ids_beyond_int64_are_a_clean_error():
+    from updatestore import SampleIdError, as_sample_ids
+
+    for bad in ([2**64], [-(2**63) - 1], [2**70, 3]):
+        with pytest.raises(SampleIdError, match="must fit in int64"):
+            as_sample_ids(bad)

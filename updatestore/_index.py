@@ -8,7 +8,7 @@ import numpy as np
 
 import zarr
 
-from ._format import INDEX_RECORD, STATUS_NONFINITE
+from ._format import INDEX_RECORD, STATUS_NONFINITE, missing_chunks
 from ._format import paths
 from .errors import CorruptStoreError, SampleIdError, StepError
 
@@ -30,12 +30,15 @@ def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
         ids = [ids]
     try:
         arr = np.asarray(ids)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise SampleIdError(f"{what} must be a 1-D sequence of integers ({exc})") from None
     if arr.dtype == object:
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr.ravel()):
             raise SampleIdError(f"{what} must be integers; got {arr.ravel()[:3].tolist()}...")
-        arr = arr.astype(np.int64)
+        try:
+            arr = arr.astype(np.int64)
+        except OverflowError:
+            raise SampleIdError(f"{what} must fit in int64 (-2**63 < id < 2**63)") from None
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -145,6 +148,12 @@ class SampleIndex:
         return self.ids[pos]
 
 
+def _pair_sums(ids: np.ndarray, steps: np.ndarray) -> tuple[int, int]:
+    """Order-free fingerprint of (id, step) pairs: Σ id and Σ id·(step + 1), modulo 2**64."""
+    u = ids.astype(np.int64).view(np.uint64)
+    return int(u.sum(dtype=np.uint64)), int((u * (steps.astype(np.uint64) + np.uint64(1))).sum(dtype=np.uint64))
+
+
 class StepTable:
     """The committed steps' statuses and sample index, loaded once per step count.
 
@@ -152,9 +161,10 @@ class StepTable:
     from the copy persisted in the store, so only newer steps are sorted.
     """
 
-    def __init__(self, root: zarr.Group, where: str) -> None:
+    def __init__(self, root: zarr.Group, where: str, *, strict: bool = True) -> None:
         self._root = root
         self._where = where
+        self._strict = strict  # the store promises every committed chunk exists (written since 0.2)
         self.index: SampleIndex | None = None
         self.status: np.ndarray | None = None
 
@@ -170,13 +180,27 @@ class StepTable:
         except Exception as exc:  # checksum or codec failure in the step table
             raise CorruptStoreError(f"store {self._where}: the step table or sample index cannot be read: "
                                     f"{exc}") from exc
+        self._check_chunks(n, m)
         if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
             raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
         if (status > STATUS_NONFINITE).any():
             raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
-        self.index = SampleIndex(ids, ends, presorted=self._presorted(n, ends))
+        self.index = SampleIndex(ids, ends, presorted=self._presorted(n, ends, ids))
         self.status = status
         return self.index, self.status
+
+    def _check_chunks(self, n: int, m: int) -> None:
+        """A missing chunk of the step table reads as zeros: refuse it instead (statuses of all-skipped
+        runs may legitimately be absent in stores written before 0.2)."""
+        needed = [(paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)] + ([(paths.STATUS, n)] if self._strict else [])
+        for path, count in needed:
+            arr = self._root[path]
+            chunks = -(-count // arr.chunks[0])
+            lost = missing_chunks(arr, [(i,) for i in range(chunks)])
+            if lost:
+                a, b = lost[0][0] * arr.chunks[0], min(count, (lost[0][0] + 1) * arr.chunks[0])
+                raise CorruptStoreError(f"store {self._where}: {path} is missing chunk(s) {[c[0] for c in lost]} "
+                                        f"(elements {a}..{b - 1} of {count} committed); restore them from a backup")
 
     def invalidate(self) -> None:
         self.index = self.status = None
@@ -185,17 +209,26 @@ class StepTable:
         """Mark the persisted sorted index as covering nothing (before it is rewritten)."""
         INDEX_RECORD.write(self._root, 0, 0)
 
-    def _presorted(self, n: int, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    def _presorted(self, n: int, ends: np.ndarray, primary: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
         if self.index is not None and self.index.num_steps <= n:
             return self.index.sorted_ids, self.index.sorted_steps, self.index.num_steps
         record = INDEX_RECORD.read(self._root)
         if record is None or record[0] == 0 or record[0] > n or record[1] != int(ends[record[0] - 1]):
             return None
         try:
-            m0 = record[1]
-            return self._root[paths.SORTED_IDS][:m0], self._root[paths.SORTED_STEPS][:m0], record[0]
+            n0, m0 = record
+            ids, steps = self._root[paths.SORTED_IDS][:m0], self._root[paths.SORTED_STEPS][:m0]
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the sample IDs, the source of truth
             return None
+        # A cache is trusted only if it is what it claims (a missing chunk reads as zeros): sorted,
+        # each step's sample count, and the same (id, step) pairs as the primary data — compared by
+        # two wrapping sums, O(samples) where rebuilding sorts.
+        counts = np.diff(ends[:n0], prepend=0)
+        if m0 and ((np.diff(ids) < 0).any() or steps.min() < 0 or steps.max() >= n0
+                   or not np.array_equal(np.bincount(steps, minlength=n0), counts)
+                   or _pair_sums(ids, steps) != _pair_sums(primary[:m0], np.repeat(np.arange(n0), counts))):
+            return None
+        return ids, steps, n0
 
     def persist(self, n: int, m: int, *, force: bool = False) -> None:
         """Write the sorted index for the next open, when the part it lacks has grown

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, paths
+from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, dense_array, paths
 from ._index import SampleIndex
 from ._owners import OwnerTable
 from ._reader import read_plan
@@ -27,14 +27,14 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
     n = index.num_steps
     new_status = status.copy()
     new_status[steps] = STATUS_PURGED
-    root[paths.STATUS][:n] = new_status  # 1.
+    dense_array(root, paths.STATUS)[:n] = new_status  # 1.
     runs = read_plan(steps, 1)[0] if steps.size else []
     for spec in specs:  # 2.
         targets = [paths.values(spec.name)]
         if positions_codec(spec.positions).stored:
             targets.append(paths.positions(spec.name))
         for path in targets:
-            arr = root[path]
+            arr = dense_array(root, path)  # zeroed rows stay as chunks: other rows of the shard are still checked
             for run in runs:
                 arr[run] = 0
     if samples is None:

@@ -11,7 +11,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ._codecs import positions_codec, values_codec
-from ._format import STATUS_RECORDED, LayerSpec, paths
+from ._format import STATUS_RECORDED, LayerSpec, missing_chunks, paths
 from .errors import CorruptStoreError, UpdateStoreError
 
 __all__ = ["Rows", "Reader", "read_plan"]
@@ -83,12 +83,16 @@ def read_plan(sel: slice | np.ndarray, chunk_rows: int) -> tuple[list[slice], np
 class Reader:
     """Reads and decodes rows of a store's layers; array handles are cached per step count."""
 
-    def __init__(self, root: zarr.Group, specs: tuple[LayerSpec, ...], value_dtype: str, where: str) -> None:
+    def __init__(self, root: zarr.Group, specs: tuple[LayerSpec, ...], meta: dict, where: str) -> None:
         self._root = root
         self._specs = {s.name: s for s in specs}
-        self._values = values_codec(value_dtype)
+        self._values = values_codec(meta["value_dtype"])
         self._where = where
+        self._block = meta["block_steps"]
+        # every chunk of a committed step exists (stores written since 0.2, FORMAT.md)
+        self._strict = meta.get("chunks_always_written") is True
         self._arrays: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
+        self._verified: set[tuple[str, int]] = set()
 
     def spec(self, layer: str) -> LayerSpec:
         spec = self._specs.get(layer)
@@ -98,6 +102,24 @@ class Reader:
 
     def invalidate(self) -> None:
         self._arrays = {}
+        self._verified = set()
+
+    def _verify(self, spec: LayerSpec, arrays: tuple[zarr.Array, zarr.Array | None], steps: np.ndarray) -> None:
+        """The shards of the blocks holding recorded ``steps`` exist (Zarr would read a deleted one as
+        zeros). Positions of bitmap rows (k bits set) and of gap rows with k > 1 are never all zero, so
+        they are checked in any store; values only where the store promises zero chunks are written."""
+        blocks = [int(b) for b in np.unique(steps // self._block) if (spec.name, int(b)) not in self._verified]
+        varr, parr = arrays
+        checked = [parr] if parr is not None and (spec.positions == "bitmap" or spec.k > 1 or self._strict) else []
+        checked += [varr] if self._strict else []
+        for arr in checked:
+            lost = missing_chunks(arr, [(b, 0) for b in blocks])
+            if lost:
+                a = lost[0][0] * self._block
+                raise CorruptStoreError(
+                    f"store {self._where}: layer {spec.name!r}: the shard of steps {a}..{a + self._block - 1} is "
+                    f"missing from {arr.path} although steps in it hold a recorded update; restore it from a backup")
+        self._verified.update((spec.name, b) for b in blocks)
 
     def _layer_arrays(self, spec: LayerSpec, num_steps: int) -> tuple[zarr.Array, zarr.Array | None]:
         # Opening an array reads its zarr.json; cache the handles (reopened after a resize).
@@ -115,6 +137,8 @@ class Reader:
         layer is fetched in one concurrent round trip.
         """
         specs = [self.spec(name) for name in layers]
+        for spec in specs:
+            self._verify(spec, self._layer_arrays(spec, num_steps), steps[status == STATUS_RECORDED])
         contiguous = steps.size == 0 or steps[-1] - steps[0] + 1 == steps.size
         start = int(steps[0]) if steps.size else 0
         sel: slice | np.ndarray = slice(start, start + steps.size) if contiguous else steps

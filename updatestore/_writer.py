@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from ._codecs import positions_codec, values_codec
-from ._format import COUNTS, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._format import COUNTS, dense_array, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
 
@@ -75,11 +75,11 @@ class BlockWriter:
         self._block = block
         self._values = values_codec(value_dtype)
         self._codecs = [positions_codec(s.positions) for s in specs]
-        self._arrays = [(root[paths.values(s.name)], root[paths.positions(s.name)] if c.stored else None)
+        self._arrays = [(dense_array(root, paths.values(s.name)), dense_array(root, paths.positions(s.name)) if c.stored else None)
                         for s, c in zip(specs, self._codecs)]
-        self._status_arr = root[paths.STATUS]
-        self._end_arr = root[paths.SAMPLE_END]
-        self._ids_arr = root[paths.SAMPLE_IDS]
+        self._status_arr = dense_array(root, paths.STATUS)
+        self._end_arr = dense_array(root, paths.SAMPLE_END)
+        self._ids_arr = dense_array(root, paths.SAMPLE_IDS)
         self._on_close = on_close
         self.committed_steps = num_steps
         self.committed_samples = num_samples

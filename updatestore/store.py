@@ -54,9 +54,9 @@ class UpdateStore:
         self._counter: CountingStore = root.store  # type: ignore[assignment]
         self._meta, specs, self._steps, self._samples = check_store(root, where)
         self._specs: tuple[LayerSpec, ...] = tuple(specs)
-        self._table = StepTable(root, where)
+        self._table = StepTable(root, where, strict=self._meta.get("chunks_always_written") is True)
         self._owners = OwnerTable(root, where)
-        self._reader = Reader(root, self._specs, self._meta["value_dtype"], where)
+        self._reader = Reader(root, self._specs, self._meta, where)
         self._writer: BlockWriter | None = None
         self._sink: WriterSink | None = None
         self._closed = False

@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -60,7 +60,35 @@ def plan_store(named_shapes: list[tuple[str, tuple[int, ...], str]], config: Sto
     if not named_shapes:
         raise ConfigError("the model has no trainable parameters to record")
     specs, block = plan_layers(named_shapes, resolve_keep(config.keep, [n for n, *_ in named_shapes]), config)
-    return specs, block, new_meta(specs, block, config, model_fingerprint(named_shapes), library_version)
+    meta = new_meta(specs, block, config, model_fingerprint(named_shapes), library_version)
+    # Since 0.2 every chunk a committed step needs is written, zeros included, so that a missing
+    # one is corruption rather than "all zeros" (readers of older stores check what they can).
+    return specs, block, dict(meta, chunks_always_written=True)
+
+
+def dense_array(root: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path`` for writing: chunks that hold only zeros are written too, so that a
+    committed step's chunks always exist and a deleted one is detected instead of read as zeros."""
+    return root[path].with_config({"write_empty_chunks": True})
+
+
+def missing_chunks(arr: zarr.Array, coords: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Which of the chunks (shards, for a sharded array) at ``coords`` have no object in the store.
+
+    Zarr reads a missing chunk as the fill value, so a deleted chunk would otherwise read as zeros.
+    """
+    if not coords:
+        return []
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    keys = [f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" for c in coords]
+
+    async def check() -> list[bool]:
+        return await asyncio.gather(*(arr.store.exists(k) for k in keys))
+
+    return [c for c, ok in zip(coords, sync(check())) if not ok]
 
 
 def _compressors(clevel: int, shuffle: str) -> list:
