@@ -1,4 +1,4 @@
-"""Lifecycle costs: the loss window's write amplification and recording overhead, and checkpoint cost.
+"""Lifecycle costs: the loss window's write amplification and recording overhead, fsync, checkpoints.
 
 For each model, the same training run is recorded with the writer committing only full
 blocks (``commit_seconds=None``, 0.1's behaviour), and with the default 5 s loss window
@@ -24,13 +24,15 @@ from updatestore import UpdateStore
 from ._common import machine, md_table, parser, synthetic_images, write_results
 
 
-def _run(make, data, tmp: Path, window, *, steps: int, batch: int, lr: float, checkpoint_every: int | None = None):
+def _run(make, data, tmp: Path, window, *, steps: int, batch: int, lr: float, checkpoint_every: int | None = None,
+         fsync: bool = False):
     torch.manual_seed(0)
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     store = None if window == "none" else UpdateStore.create(tmp / f"s-{time.monotonic_ns()}", model, keep=0.1)
-    rec = store.recorder(model, opt, commit_seconds=None if window == "blocks" else window).attach() if store else None
+    rec = (store.recorder(model, opt, commit_seconds=None if window == "blocks" else window, fsync=fsync).attach()
+           if store else None)
     done, ckpt_s = 0, 0.0
     t0 = time.perf_counter()
     while done < steps:
@@ -75,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, make, data, steps, batch, lr in cases:
             per: dict[str, list[dict]] = {}
             for _ in range(repeats):  # interleaved, so that machine noise hits every setting alike
-                for window in ("none", "blocks", 5.0, 1.0):
-                    per.setdefault(str(window), []).append(_run(make, data, tmp, window, steps=steps, batch=batch,
-                                                               lr=lr))
+                for window in ("none", "blocks", 5.0, 1.0, "1.0+fsync"):
+                    fsync = window == "1.0+fsync"
+                    per.setdefault(str(window), []).append(_run(make, data, tmp, 1.0 if fsync else window, steps=steps,
+                                                               batch=batch, lr=lr, fsync=fsync))
             ck = _run(make, data, tmp, 5.0, steps=steps, batch=batch, lr=lr, checkpoint_every=max(1, steps // 4))
             base = statistics.median(r["seconds"] for r in per["none"])
-            for window in ("blocks", "5.0", "1.0"):
+            for window in ("blocks", "5.0", "1.0", "1.0+fsync"):
                 runs = per[window]
                 rows.append({"model": name, "steps": steps, "commit": "full blocks only (0.1)" if window == "blocks"
-                             else f"every {window} s", "throughput": base / statistics.median(r["seconds"] for r in runs),
+                             else f"every {window.replace('+fsync', '')} s" + (", fsync" if "fsync" in window else ""), "throughput": base / statistics.median(r["seconds"] for r in runs),
                              "amplification": statistics.median(r["amplification"] for r in runs),
                              "written_mib": statistics.median(r["written"] for r in runs) / 2**20,
                              "stored_mib": runs[0]["stored"] / 2**20})

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import unlearn
 from conftest import make_tiny, train
 from updatestore import (
     ConfigError,
@@ -245,3 +246,33 @@ def test_writer_error_reaches_training_thread(store_path, tiny, monkeypatch):
             for i in range(50):
                 with rec.batch([i]):
                     opt.zero_grad(); tiny(torch.randn(1, 12)).sum().backward(); opt.step()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda s, m: s.purge([1.7]), "steps must be integers"),
+    (lambda s, m: s.purge(["3"]), "steps must be integers"),
+    (lambda s, m: s.purge([True]), "steps must be integers"),
+    (lambda s, m: s.purge([99]), "steps out of range"),
+    (lambda s, m: s.read([2, 1]), "sorted and unique"),
+    (lambda s, m: s.samples_in_steps([0.5]), "steps must be integers"),
+    (lambda s, m: unlearn.amnesiac(m, s, [0], block_steps=-1), "block_steps must be an int ≥ 1"),
+    (lambda s, m: unlearn.amnesiac(m, s, [0], block_steps=0), "block_steps must be an int ≥ 1"),
+    (lambda s, m: unlearn.amnesiac(m, s, [0], device="nonsense"), "is not a torch device"),
+    (lambda s, m: unlearn.amnesiac(m, s, [0], purge="yes"), "purge must be True or False"),
+    (lambda s, m: unlearn.amnesiac(m, s, [2**64]), "must fit in int64"),
+    (lambda s, m: s.recorder(m, commit_seconds=0), "commit_seconds must be a positive number"),
+    (lambda s, m: s.recorder(m, resume={"steps": 3}), "resume= takes the dict that rec.state_dict"),
+])
+def test_entry_points_validate_before_changing_anything(store_path, tiny, call, message):
+    """Bad arguments are the package's errors, raised before anything is written (floats, strings
+    and bools are never coerced into step numbers)."""
+    from conftest import file_bytes, train
+
+    with UpdateStore.create(store_path, tiny, keep=0.5) as store:
+        train(store, tiny, steps=4)
+        files = file_bytes(store_path)
+        weights = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+        with pytest.raises(UpdateStoreError, match=message):
+            call(store, tiny)
+        assert file_bytes(store_path) == files
+        assert all(torch.equal(p, weights[n]) for n, p in tiny.named_parameters())

@@ -165,3 +165,34 @@ def test_ids_beyond_int64_are_a_clean_error():
     for bad in ([2**64], [-(2**63) - 1], [2**70, 3]):
         with pytest.raises(SampleIdError, match="must fit in int64"):
             as_sample_ids(bad)
+
+
+@pytest.mark.parametrize("kind", ["chunk", "directory"])
+def test_symlinks_in_a_store_are_refused(tmp_path, kind):
+    """A symlinked chunk from another run would be read silently; a symlinked directory would make a
+    purge or the ledger write outside the store. Both are refused on open, before anything is read."""
+    from updatestore import NotAStoreError
+
+    stores = {}
+    for name in ("a", "b"):
+        model = make_tiny()
+        with UpdateStore.create(tmp_path / name, model, keep=0.3) as store:
+            train(store, model, steps=4, seed=len(name) + ord(name))
+        stores[name] = tmp_path / name
+    outside = tmp_path / "outside"
+    if kind == "chunk":
+        victim = stores["a"] / "layers" / "fc1.weight" / "values" / "c" / "0" / "0"
+        victim.unlink()
+        victim.symlink_to(stores["b"] / "layers" / "fc1.weight" / "values" / "c" / "0" / "0")
+    else:
+        shutil.move(stores["a"] / "samples", outside)
+        (stores["a"] / "samples").symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for mode in ("r", "r+"):
+        with pytest.raises(NotAStoreError, match="is a symbolic link"):
+            UpdateStore.open(stores["a"], mode)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    link = tmp_path / "link-to-b"  # the store's own directory may be a link
+    link.symlink_to(stores["b"], target_is_directory=True)
+    with UpdateStore.open(link) as store:
+        assert store.num_batches == 4

@@ -152,3 +152,35 @@ def test_reader_sees_only_committed_steps(store_path, tiny):
         assert reader.batches_containing([7]).size == 0
         store.flush()
         assert reader.num_batches == 9 and reader.batches_containing([7]).tolist() == [7]
+
+
+def test_fsync_makes_data_durable_before_the_commit_record(tmp_path, monkeypatch):
+    """With fsync=True every chunk a commit vouches for is fsynced (with its directory) before the
+    commit record is written, and the record itself after."""
+    import os
+
+    import torch
+
+    from conftest import make_tiny
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5) as store:
+        with store.recorder(model, opt, fsync=True) as rec:
+            for s in range(3):
+                with rec.batch([s]):
+                    opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
+            rec.state_dict()
+    record = str(tmp_path / "s" / "steps" / "zarr.json")
+    chunk = str(tmp_path / "s" / "layers" / "fc1.weight" / "values" / "c" / "0" / "0")
+    assert chunk in synced and record in synced
+    assert synced.index(chunk) < synced.index(record)  # data first, then the record that vouches for it
+    assert str(tmp_path / "s" / "layers" / "fc1.weight" / "values" / "c" / "0") in synced  # its directory
+    synced.clear()
+    with UpdateStore.open(tmp_path / "s", "r+") as store, store.recorder(model, opt) as rec:  # default: off
+        with rec.batch([9]):
+            opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
+    assert synced == []

@@ -16,7 +16,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
 from ._lock import WriterLock
 from .errors import ConfigError, NotAStoreError, StoreExistsError, StoreNotFoundError
 
-__all__ = ["PathLike", "CountingStore", "resolve", "local_root", "take_lock", "prepare_new", "check_exists", "open_root"]
+__all__ = ["PathLike", "CountingStore", "fsync_written", "resolve", "local_root", "take_lock", "prepare_new", "check_exists", "open_root", "refuse_symlinks"]
 
 PathLike = str | os.PathLike | zarr.abc.store.Store
 
@@ -28,10 +28,46 @@ class CountingStore(WrapperStore):
         super().__init__(store)
         self.bytes_read = 0
         self.bytes_written = 0
+        self.unsynced: set[str] | None = None  # keys written since the last fsync, when durability is on
 
     async def set(self, key, value):  # type: ignore[no-untyped-def]
         self.bytes_written += len(value)
         await self._store.set(key, value)
+        if self.unsynced is not None:
+            self.unsynced.add(key)
+
+
+def fsync_written(store: zarr.abc.store.Store) -> None:
+    """fsync every file written through ``store`` since the last call, then their directories.
+
+    Zarr's local store writes through a temporary file and a rename but never fsyncs, so
+    without this a power loss can lose or tear what a commit record vouches for. A no-op
+    for other backends (object stores acknowledge a PUT once it is durable) and when
+    durability is off.
+    """
+    root = local_root(store)
+    if root is None or not isinstance(store, CountingStore) or store.unsynced is None:
+        return
+    keys, store.unsynced = store.unsynced, set()
+    dirs = set()
+    for key in keys:
+        path = root / key
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # zarr deleted it (an empty chunk): the directory entry is what matters
+            dirs.add(path.parent)
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(path.parent)
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
         buf = await self._store.get(key, prototype, byte_range)
@@ -129,6 +165,19 @@ def check_exists(store: zarr.abc.store.Store, where: str) -> None:
     if root is not None and not (root / "zarr.json").is_file():
         raise NotAStoreError(f"{where} is not an update store (no zarr.json in it); "
                              "check the path, or create one with UpdateStore.create(path, model)")
+    if root is not None:
+        refuse_symlinks(root, where)
+
+
+def refuse_symlinks(root: Path, where: str) -> None:
+    """A store never holds symbolic links: one could make reads come from another run's data, or a
+    purge or ledger write land outside the store. (The store's own directory may be a link.)"""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise NotAStoreError(f"{where}: {path.relative_to(root)} is a symbolic link (to "
+                                     f"{os.readlink(path)}); a store holds none. Replace it with the data itself")
 
 
 def open_root(store: zarr.abc.store.Store, where: str, mode: str) -> zarr.Group:

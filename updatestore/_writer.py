@@ -22,6 +22,7 @@ import zarr
 
 from ._codecs import positions_codec, values_codec
 from ._format import COUNTS, dense_array, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._backend import fsync_written
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
 
@@ -66,8 +67,11 @@ class BlockWriter:
 
     def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
                  num_samples: int, *, where: str = "", max_queue: int = 8, commit_seconds: float | None = 5.0,
-                 on_close: Callable[["BlockWriter"], None] | None = None) -> None:
+                 fsync: bool = False, on_close: Callable[["BlockWriter"], None] | None = None) -> None:
         self._root = root
+        self._fsync = fsync
+        if fsync and hasattr(root.store, "unsynced"):
+            root.store.unsynced = set()
         self._where = where
         self._commit_seconds = commit_seconds
         self._last_commit = time.monotonic()
@@ -237,7 +241,11 @@ class BlockWriter:
             if self._ids_arr.shape[0] < m1:
                 self._ids_arr.resize((m1,))
             self._ids_arr[m0:m1] = new_ids
+        if self._fsync:  # the data first, durably; then the record that vouches for it
+            fsync_written(self._root.store)
         COUNTS.write(self._root, b, m1)  # the commit point
+        if self._fsync:
+            fsync_written(self._root.store)
         self.committed_steps, self.committed_samples = b, m1
         self._last_commit = time.monotonic()
         self._pending_ids = []

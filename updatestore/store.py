@@ -23,7 +23,7 @@ from ._reader import Reader, Rows
 from ._writer import BlockWriter, WriterSink, check_commit_seconds
 from .config import StoreConfig
 from .distributed import require_writer_rank
-from .errors import ConfigError, ReadOnlyStoreError, RecorderError
+from .errors import ConfigError, ReadOnlyStoreError, RecorderError, StepError
 from .footprint import Footprint, measure
 from .ledger import weights_fingerprint
 from .recorder import Recorder
@@ -151,12 +151,12 @@ class UpdateStore:
 
     def recorder(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  watch: Any = None, process_group: Any = None, resume: dict[str, Any] | None = None,
-                 commit_seconds: float | None = 5.0) -> Recorder:
+                 commit_seconds: float | None = 5.0, fsync: bool = False) -> Recorder:
         """A :class:`Recorder` for ``model`` writing into this store (``"r+"``); use it as a context manager.
 
         ``resume=``: the ``rec.state_dict()`` saved with the checkpoint a run resumes from; later
         steps are rolled back (``StoreBehindCheckpointError`` if the store lacks some of its steps).
-        ``commit_seconds`` bounds what a crash loses (``None``: full blocks and checkpoints only).
+        ``commit_seconds`` bounds what a crash loses; ``fsync=True`` makes commits survive power loss.
         """
         self._require_writable("record")
         require_writer_rank(process_group)
@@ -168,16 +168,16 @@ class UpdateStore:
                                                weights_fingerprint(model), *self._counts())
             self._table.invalidate()
             self._reader.invalidate()
-        sink = WriterSink(lambda s: self._open_writer(s, commit_seconds))
+        sink = WriterSink(lambda s: self._open_writer(s, commit_seconds, fsync))
         sink.recorder = Recorder(sink, params, optimizer, watch=watch, process_group=process_group, model=model)
         return sink.recorder
 
-    def _open_writer(self, sink: WriterSink, commit_seconds: float | None) -> BlockWriter:
+    def _open_writer(self, sink: WriterSink, commit_seconds: float | None, fsync: bool) -> BlockWriter:
         self._require_writable("record")
         self._no_writer()
         steps, samples = self._counts()
         self._writer = BlockWriter(self._root, list(self._specs), self._meta["block_steps"], self.value_dtype,
-                                   steps, samples, where=self._where, commit_seconds=commit_seconds,
+                                   steps, samples, where=self._where, commit_seconds=commit_seconds, fsync=fsync,
                                    on_close=self._writer_closed)
         self._sink = sink
         return self._writer
@@ -244,7 +244,7 @@ class UpdateStore:
         index, status = self._index()
         steps = as_steps(steps, index.num_steps, where=f"store {self._where}")
         if (np.diff(steps) <= 0).any():
-            raise IndexError(f"steps must be sorted and unique to read them from store {self._where}")
+            raise StepError(f"steps must be sorted and unique to read them from store {self._where}")
         names = [s.name for s in self._specs] if layers is None else list(layers)
         return self._reader.read(names, steps, status[steps], index.num_steps)
 
