@@ -130,3 +130,38 @@ def test_read_only_store_refuses_to_unlearn_without_opt_out(trained, store_path)
         unlearn.amnesiac(model, ro, [1])
     report = unlearn.amnesiac(model, ro, [1], ledger=False, purge=False)
     assert report.applied and not report.purged and ro.ledger() == []
+
+
+def _values_anywhere(path, needles):
+    """Every value of every array under the store, decoded (compressed bytes hide raw values)."""
+    root = zarr.open_group(path, mode="r")
+    found = set()
+    for group in [root] + [g for _, g in root.groups()] + [g for _, p in root.groups() for _, g in p.groups()]:
+        for _, arr in group.arrays():
+            data = arr[...] if arr.size else np.zeros(0)
+            found |= {int(x) for x in np.asarray(data).ravel() if int(x) in needles} if data.dtype.kind in "iu" else set()
+    return found
+
+
+def test_purge_leaves_none_of_the_forgotten_anywhere(tmp_path):
+    """After a purge, no array of the store holds the forgotten IDs or owner key — including what a
+    killed writer left beyond the commit — and a killed chunk rewrite's temporary file is gone."""
+    import shutil
+
+    model = make_tiny()
+    forget_id, forget_owner = 777_777_001, 888_888_001
+    ids = lambda s: [forget_id, 10 + s] if s == 1 else [10 + s, 20 + s]  # noqa: E731
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5) as store:
+        train(store, model, steps=6, ids_fn=ids)
+        store.index_owners([forget_id, 11], [forget_owner, 5])
+    root = zarr.open_group(tmp_path / "s", mode="r+")
+    root["samples/ids"].resize((14,))  # what an interrupted writer leaves beyond the committed counts
+    root["samples/ids"][12:14] = [forget_id, forget_id]
+    chunk = tmp_path / "s" / "layers" / "fc1.weight" / "values" / "c" / "0" / "0"
+    shutil.copy(chunk, chunk.with_suffix(".0123abcd.partial"))  # a killed rewrite's temporary file
+    assert _values_anywhere(tmp_path / "s", {forget_id, forget_owner}) == {forget_id, forget_owner}
+    with UpdateStore.open(tmp_path / "s", "r+") as store:
+        report = unlearn.amnesiac(model, store, owners=[forget_owner])
+        assert report.purged and store.num_samples == 12
+    assert _values_anywhere(tmp_path / "s", {forget_id, forget_owner}) == set()
+    assert not list((tmp_path / "s").rglob("*.partial"))

@@ -184,3 +184,27 @@ def test_fsync_makes_data_durable_before_the_commit_record(tmp_path, monkeypatch
         with rec.batch([9]):
             opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
     assert synced == []
+
+
+def test_long_lived_reader_sees_another_process_purge(tmp_path):
+    """A reader opened before a purge never reports a subtraction that did not happen: the purge
+    bumps the store's generation and the reader reloads the step statuses."""
+    import copy
+
+    import torch
+
+    import unlearn
+    from conftest import make_tiny, train
+
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=1.0, value_dtype="float32") as store:
+        train(store, model, steps=4)
+    reader = UpdateStore.open(tmp_path / "s")
+    assert (reader.step_status() == 1).all()  # statuses cached
+    with UpdateStore.open(tmp_path / "s", "r+") as writer:  # "another process" purges step 0
+        unlearn.amnesiac(copy.deepcopy(model), writer, [0])
+    stale = copy.deepcopy(model)
+    report = unlearn.amnesiac(stale, reader, [0], ledger=False, purge=False)
+    assert not report.applied and report.already_forgotten.tolist() == [0]  # it used to "subtract" zeros
+    for (n, a), (_, b) in zip(stale.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b)

@@ -167,6 +167,18 @@ class StepTable:
         self._strict = strict  # the store promises every committed chunk exists (written since 0.2)
         self.index: SampleIndex | None = None
         self.status: np.ndarray | None = None
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """The store's generation this table was loaded at; setting another one reloads it."""
+        return self._generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        if value != self._generation:  # a purge or rollback changed committed data in place
+            self._generation = value
+            self.invalidate()
 
     def load(self, n: int, m: int) -> tuple[SampleIndex, np.ndarray]:
         """Index and statuses of the first ``n`` steps (``m`` sample IDs)."""

@@ -66,13 +66,16 @@ class OwnerTable:
         return np.unique(found[found != PURGED_ID])
 
     def tombstone(self, ids: np.ndarray) -> None:
-        """Overwrite every occurrence of ``ids`` with the purged-ID tombstone."""
+        """Overwrite every row holding one of ``ids`` — sample and owner key — with the tombstone
+        (an owner whose samples are all forgotten leaves no key behind)."""
         n = self.count()
         if n:
-            arr = self._root[paths.OWNER_SAMPLES]
-            own = arr[:n]
+            own = self._root[paths.OWNER_SAMPLES][:n]
             mask = np.isin(own, ids)
             if mask.any():
-                own[mask] = PURGED_ID
-                arr[:n] = own
+                for path in (paths.OWNER_SAMPLES, paths.OWNER_KEYS):
+                    arr = self._root[path]
+                    values = own if path == paths.OWNER_SAMPLES else arr[:n]
+                    values[mask] = PURGED_ID
+                    arr[:n] = values
         self._sorted = None

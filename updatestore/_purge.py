@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, dense_array, paths
+from ._backend import local_root
+from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, bump_generation, dense_array, paths, truncate
 from ._index import SampleIndex
 from ._owners import OwnerTable
 from ._reader import read_plan
@@ -23,8 +24,14 @@ __all__ = ["purge_steps"]
 
 def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleIndex, status: np.ndarray,
                 steps: np.ndarray, samples: np.ndarray | None, owners: OwnerTable) -> int:
-    """Erase ``steps`` (sorted, unique, validated) and ``samples``; returns the sample IDs erased."""
+    """Erase ``steps`` (sorted, unique, validated) and ``samples``; returns the sample IDs erased.
+
+    Also erased: whatever an interrupted writer left beyond the committed steps (rows and
+    sample IDs no commit vouches for, which could hold the forgotten samples) and the
+    temporary files of interrupted chunk rewrites.
+    """
     n = index.num_steps
+    _erase_uncommitted(root, specs, n, len(index.ids))
     new_status = status.copy()
     new_status[steps] = STATUS_PURGED
     dense_array(root, paths.STATUS)[:n] = new_status  # 1.
@@ -38,6 +45,7 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
             for run in runs:
                 arr[run] = 0
     if samples is None:
+        bump_generation(root)
         return 0
     hit = np.flatnonzero(np.isin(index.ids, samples))  # 3.
     if hit.size:
@@ -49,4 +57,18 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
             block[np.isin(block, samples)] = PURGED_ID
             arr[a:b] = block
     owners.tombstone(samples)
+    bump_generation(root)
     return int(hit.size)
+
+
+def _erase_uncommitted(root: zarr.Group, specs: tuple[LayerSpec, ...], n: int, m: int) -> None:
+    for spec in specs:
+        truncate(root[paths.values(spec.name)], n)
+        if positions_codec(spec.positions).stored:
+            truncate(root[paths.positions(spec.name)], n)
+    for path, count in ((paths.STATUS, n), (paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)):
+        truncate(root[path], count)
+    directory = local_root(root.store)
+    if directory is not None:  # zarr's local store writes a chunk as <name>.<uuid>.partial, then renames it
+        for leftover in directory.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import COUNTS, INDEX_RECORD, LayerSpec, paths
+from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, paths, truncate
 from ._codecs import positions_codec
 from ._lineage import append_event, read_events
 from .errors import ConfigError, ModelMismatchError, StoreBehindCheckpointError
@@ -78,16 +78,10 @@ def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dic
         if positions_codec(spec.positions).stored:
             targets.append(paths.positions(spec.name))
         for path in targets:
-            _zero_from(root[path], k)
+            truncate(root[path], k)
     for path in (paths.STATUS, paths.SAMPLE_END):
-        _zero_from(root[path], k)
-    _zero_from(root[paths.SAMPLE_IDS], m_k)
+        truncate(root[path], k)
+    truncate(root[paths.SAMPLE_IDS], m_k)
+    bump_generation(root)
     append_event(root, where, "rollback", step=k, samples=m_k, from_step=num_steps, from_samples=num_samples)
     return k, m_k
-
-
-def _zero_from(arr: zarr.Array, start: int) -> None:
-    """Erase rows ``start..`` (committed or left by an interrupted writer) and shrink the array to ``start``."""
-    if arr.shape[0] > start:
-        arr[start:] = 0
-        arr.resize((start,) + arr.shape[1:])

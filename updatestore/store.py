@@ -12,7 +12,7 @@ from zarr.storage import MemoryStore  # noqa: F401 - used by the docstring examp
 
 from . import __version__, ledger as _ledger
 from ._backend import CountingStore, PathLike, check_exists, open_root, prepare_new, resolve, take_lock
-from ._format import LayerSpec, check_store, create_tree, plan_store, read_counts
+from ._format import LayerSpec, check_store, create_tree, plan_store, read_state
 from ._index import SampleIndex, StepTable, as_sample_ids, as_steps
 from ._lineage import read_events
 from ._owners import OwnerTable
@@ -129,8 +129,8 @@ class UpdateStore:
     def _counts(self) -> tuple[int, int]:
         if self._writer is not None:
             self._steps, self._samples = self._writer.committed_steps, self._writer.committed_samples
-        elif self._mode == "r":  # another process may be recording: the commit record says what is safe
-            self._steps, self._samples = read_counts(self._root, self._where)
+        elif self._mode == "r":  # another process may record or purge: the commit record says what is safe
+            self._steps, self._samples, self._table.generation = read_state(self._root, self._where)
         return self._steps, self._samples
 
     def _require_writable(self, what: str) -> None:

@@ -19,7 +19,7 @@ import zarr
 
 from ..errors import NotAStoreError
 
-__all__ = ["CountRecord", "JsonRecord", "COUNTS", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LINEAGE", "META",
+__all__ = ["CountRecord", "JsonRecord", "COUNTS", "GENERATION", "bump_generation", "read_state", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LINEAGE", "META",
            "sha256_json", "read_counts"]
 
 
@@ -38,6 +38,7 @@ class CountRecord:
     group: str
     tag: str
     fields: tuple[str, ...]
+    check_key: str = "check"
 
     def _check(self, values: tuple[int, ...]) -> int:
         return zlib.crc32(":".join([self.tag, *map(str, values)]).encode())
@@ -48,14 +49,18 @@ class CountRecord:
             attrs = dict(_group(root, self.group).attrs)
         except Exception:  # noqa: BLE001 - missing or unparsable zarr.json: no valid record
             return None
+        return self.parse(attrs)
+
+    def parse(self, attrs: dict[str, Any]) -> tuple[int, ...] | None:
+        """The record's values in attributes already read, or ``None``."""
         values = tuple(attrs.get(f) for f in self.fields)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
             return None
-        return values if attrs.get("check") == self._check(values) else None  # type: ignore[arg-type]
+        return values if attrs.get(self.check_key) == self._check(values) else None  # type: ignore[arg-type]
 
     def write(self, root: zarr.Group, *values: int) -> None:
         attrs = dict(zip(self.fields, (int(v) for v in values)))
-        _group(root, self.group).update_attributes({**attrs, "check": self._check(tuple(attrs.values()))})
+        _group(root, self.group).update_attributes({**attrs, self.check_key: self._check(tuple(attrs.values()))})
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class JsonRecord:
 
 #: The commit record: readers trust exactly these many steps and sample IDs.
 COUNTS = CountRecord("steps", "updatestore", ("num_steps", "num_samples"))
+#: Bumped by every change that is not an append (purge, rollback): long-lived readers reload then.
+GENERATION = CountRecord("steps", "generation", ("generation",), check_key="generation_check")
 #: Rows of the owner table that are committed.
 OWNER_COUNT = CountRecord("owners", "owners", ("count",))
 #: Steps and samples the persisted sorted index covers (a cache: invalid means rebuild).
@@ -105,6 +112,23 @@ LEDGER = JsonRecord("ledger", "entries", "check")
 LINEAGE = JsonRecord("lineage", "events", "check")
 #: The store's self-description in the root group.
 META = JsonRecord("", "updatestore", "updatestore_sha256")
+
+
+def bump_generation(root: zarr.Group) -> None:
+    """Tell readers that committed data changed in place (a purge, a rollback)."""
+    GENERATION.write(root, (GENERATION.read(root) or (0,))[0] + 1)
+
+
+def read_state(root: zarr.Group, where: str) -> tuple[int, int, int]:
+    """Committed ``(num_steps, num_samples, generation)`` from one read of the commit record's group."""
+    try:
+        attrs = dict(root[COUNTS.group].attrs)
+    except Exception:  # noqa: BLE001 - reported by read_counts with its message
+        attrs = {}
+    counts = COUNTS.parse(attrs)
+    if counts is None:
+        return (*read_counts(root, where), 0)
+    return counts[0], counts[1], (GENERATION.parse(attrs) or (0,))[0]
 
 
 def read_counts(root: zarr.Group, where: str) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "dense_array", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -70,6 +70,13 @@ def dense_array(root: zarr.Group, path: str) -> zarr.Array:
     """The array at ``path`` for writing: chunks that hold only zeros are written too, so that a
     committed step's chunks always exist and a deleted one is detected instead of read as zeros."""
     return root[path].with_config({"write_empty_chunks": True})
+
+
+def truncate(arr: zarr.Array, start: int) -> None:
+    """Erase rows ``start..`` (committed or left by an interrupted writer) and shrink the array to ``start``."""
+    if arr.shape[0] > start:
+        arr[start:] = 0
+        arr.resize((start,) + arr.shape[1:])
 
 
 def missing_chunks(arr: zarr.Array, coords: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
