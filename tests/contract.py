@@ -73,6 +73,7 @@ class StoreContract:
             report = unlearn.amnesiac(m, store, [7], ledger=False, purge=False)
         want = oracle_after(model, oracle, steps_with(all_ids, [7]), KEEP)
         assert report.steps_hit.tolist() == steps_with(all_ids, [7]) and report.applied
+        assert report.bytes_read > 0  # the rows came through the byte-counting wrapper
         for n, p in m.named_parameters():
             torch.testing.assert_close(p.detach(), want[n], rtol=0, atol=1e-6)
 

@@ -36,6 +36,17 @@ class CountingStore(WrapperStore):
         if self.unsynced is not None:
             self.unsynced.add(key)
 
+    async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            self.bytes_read += len(buf)
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):  # type: ignore[no-untyped-def]
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        self.bytes_read += sum(len(b) for b in bufs if b is not None)
+        return bufs
+
 
 def fsync_written(store: zarr.abc.store.Store) -> None:
     """fsync every file written through ``store`` since the last call, then their directories.
@@ -68,17 +79,6 @@ def fsync_written(store: zarr.abc.store.Store) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
-        buf = await self._store.get(key, prototype, byte_range)
-        if buf is not None:
-            self.bytes_read += len(buf)
-        return buf
-
-    async def get_partial_values(self, prototype, key_ranges):  # type: ignore[no-untyped-def]
-        bufs = await self._store.get_partial_values(prototype, key_ranges)
-        self.bytes_read += sum(len(b) for b in bufs if b is not None)
-        return bufs
 
 
 def resolve(path: PathLike, *, read_only: bool,
