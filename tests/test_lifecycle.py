@@ -61,6 +61,10 @@ def test_resume_from_checkpoint_rolls_back_the_lost_lineage(store_path):
         assert store.num_batches == 8
         with store.recorder(model, opt, resume=ckpt["store"]) as rec:
             assert store.num_batches == 5
+            # the rollback is committed on disk before any new step (a crash here must not leave a
+            # commit record vouching for the erased steps)
+            with UpdateStore.open(store_path) as reader:
+                assert reader.num_batches == 5 and reader.num_samples == 20
             run_steps(rec, model, opt, range(5, 10))
         assert store.num_batches == 10
         for s in range(10):
