@@ -14,7 +14,7 @@ import zarr
 from ._format import LINEAGE
 from .errors import CorruptStoreError
 
-__all__ = ["read_events", "append_event", "known_weights"]
+__all__ = ["read_events", "append_event"]
 
 
 def read_events(root: zarr.Group, where: str) -> list[dict[str, Any]]:
@@ -29,7 +29,3 @@ def append_event(root: zarr.Group, where: str, event: str, **fields: Any) -> Non
                    **fields})
     LINEAGE.write(root, events)  # one atomic write
 
-
-def known_weights(events: list[dict[str, Any]]) -> set[str]:
-    """Fingerprints of every model state the recorder vouched for (checkpoints and closes)."""
-    return {e["weights"] for e in events if e.get("event") in ("checkpoint", "close") and e.get("weights")}

@@ -13,11 +13,10 @@ import numpy as np
 import zarr
 
 from ._backend import local_root
-from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, bump_generation, dense_array, paths, truncate
+from ._format import PURGED_ID, STATUS_PURGED, LayerSpec, bump_generation, dense_array, erase_beyond, paths
 from ._index import SampleIndex
 from ._owners import OwnerTable
 from ._reader import read_plan
-from ._codecs import positions_codec
 
 __all__ = ["purge_steps"]
 
@@ -31,16 +30,17 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
     temporary files of interrupted chunk rewrites.
     """
     n = index.num_steps
-    _erase_uncommitted(root, specs, n, len(index.ids))
+    erase_beyond(root, specs, n, len(index.ids))
+    directory = local_root(root.store)
+    if directory is not None:  # zarr's local store writes a chunk as <name>.<uuid>.partial, then renames it
+        for leftover in directory.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
     new_status = status.copy()
     new_status[steps] = STATUS_PURGED
     dense_array(root, paths.STATUS)[:n] = new_status  # 1.
     runs = read_plan(steps, 1)[0] if steps.size else []
     for spec in specs:  # 2.
-        targets = [paths.values(spec.name)]
-        if positions_codec(spec.positions).stored:
-            targets.append(paths.positions(spec.name))
-        for path in targets:
+        for path in spec.array_paths:
             arr = dense_array(root, path)  # zeroed rows stay as chunks: other rows of the shard are still checked
             for run in runs:
                 arr[run] = 0
@@ -60,15 +60,3 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
     bump_generation(root)
     return int(hit.size)
 
-
-def _erase_uncommitted(root: zarr.Group, specs: tuple[LayerSpec, ...], n: int, m: int) -> None:
-    for spec in specs:
-        truncate(root[paths.values(spec.name)], n)
-        if positions_codec(spec.positions).stored:
-            truncate(root[paths.positions(spec.name)], n)
-    for path, count in ((paths.STATUS, n), (paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)):
-        truncate(root[path], count)
-    directory = local_root(root.store)
-    if directory is not None:  # zarr's local store writes a chunk as <name>.<uuid>.partial, then renames it
-        for leftover in directory.rglob("*.partial"):
-            leftover.unlink(missing_ok=True)

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, paths, truncate
-from ._codecs import positions_codec
+from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, erase_beyond, paths
 from ._lineage import append_event, read_events
 from .errors import ConfigError, ModelMismatchError, StoreBehindCheckpointError
 
@@ -73,15 +72,7 @@ def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dic
     if index is not None and index[0] > k:
         INDEX_RECORD.write(root, 0, 0)
     COUNTS.write(root, k, m_k)  # the commit point of the rollback
-    for spec in specs:
-        targets = [paths.values(spec.name)]
-        if positions_codec(spec.positions).stored:
-            targets.append(paths.positions(spec.name))
-        for path in targets:
-            truncate(root[path], k)
-    for path in (paths.STATUS, paths.SAMPLE_END):
-        truncate(root[path], k)
-    truncate(root[paths.SAMPLE_IDS], m_k)
+    erase_beyond(root, specs, k, m_k)
     bump_generation(root)
     append_event(root, where, "rollback", step=k, samples=m_k, from_step=num_steps, from_samples=num_samples)
     return k, m_k

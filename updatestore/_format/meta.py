@@ -55,6 +55,12 @@ class LayerSpec:
     def path(self) -> str:
         return paths.layer(self.name)
 
+    @property
+    def array_paths(self) -> list[str]:
+        """This layer's arrays: ``values``, and ``positions`` unless the encoding stores none."""
+        stored = positions_codec(self.positions).stored
+        return [paths.values(self.name)] + ([paths.positions(self.name)] if stored else [])
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)

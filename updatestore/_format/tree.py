@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "dense_array", "truncate", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -79,6 +79,16 @@ def truncate(arr: zarr.Array, start: int) -> None:
         arr.resize((start,) + arr.shape[1:])
 
 
+def erase_beyond(root: zarr.Group, specs: list[LayerSpec] | tuple[LayerSpec, ...], n: int, m: int) -> None:
+    """Erase every row past ``n`` steps and every sample ID past ``m`` (what no commit record vouches
+    for: rolled-back steps, or what an interrupted writer left) and shrink the arrays to them."""
+    for spec in specs:
+        for path in spec.array_paths:
+            truncate(root[path], n)
+    for path, count in ((paths.STATUS, n), (paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)):
+        truncate(root[path], count)
+
+
 def missing_chunks(arr: zarr.Array, coords: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """Which of the chunks (shards, for a sharded array) at ``coords`` have no object in the store.
 
@@ -116,12 +126,7 @@ def array_digest(arr: zarr.Array) -> str:
 
 
 def _array_paths(specs: list[LayerSpec]) -> list[str]:
-    out = list(paths.VECTORS)
-    for s in specs:
-        out.append(paths.values(s.name))
-        if positions_codec(s.positions).stored:
-            out.append(paths.positions(s.name))
-    return out
+    return list(paths.VECTORS) + [p for s in specs for p in s.array_paths]
 
 
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
