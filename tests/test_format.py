@@ -26,8 +26,10 @@ def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, po
     model = make_tiny(hidden=300)
     with UpdateStore.create(tmp_path / "run.zarr", model, keep=keep, value_dtype=dtype,
                             positions=positions) as store:
-        train(store, model, steps=9)
+        train(store, model, steps=4)
+        train(store, model, steps=5, seed=1)  # a second recording: its rows start a new shard (format 2)
         expected = read_rows(store, "fc1.weight", 0, 9)
+    assert zarr.open_group(tmp_path / "run.zarr", mode="r")["steps/row"][4] == store.meta["block_steps"]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(_reader_block(), scope)  # the documented snippet, verbatim
@@ -35,6 +37,22 @@ def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, po
     np.testing.assert_array_equal(scope["values"].astype(np.float32), expected[0].numpy())
     want_pos = expected[1].numpy() if expected[1] is not None else np.broadcast_to(np.arange(12 * 300), (9, 3600))
     np.testing.assert_array_equal(scope["positions"], want_pos)
+
+
+def test_plain_zarr_reader_from_format_md_reads_a_format1_store(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(FIXTURE / "store", tmp_path / "run.zarr")
+    with UpdateStore.open(tmp_path / "run.zarr") as store:
+        name, n = store.layers[0].name, store.num_batches
+        recorded = store.step_status() == 1
+        assert not recorded.all()  # the fixture has a purged step, which the snippet leaves out
+        expected = [t.numpy()[recorded] for t in read_rows(store, name, 0, n)]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(_reader_block(), scope)
+    np.testing.assert_array_equal(scope["values"].astype(np.float32), expected[0])
+    np.testing.assert_array_equal(scope["positions"], expected[1])
 
 
 def test_documented_tree_and_attributes(tmp_path):
@@ -64,8 +82,8 @@ def test_files_far_fewer_than_steps_times_layers(tmp_path):
     with UpdateStore.create(tmp_path / "s", model, keep=0.1) as store:
         train(store, model, steps=200)
     files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
-    # 4 layers × 2 arrays × 1 shard + steps/samples chunks + zarr.json files
-    assert len(files) < 40 < 200 * 4
+    # 4 layers × 2 arrays × 1 shard + steps/samples chunks (steps/row since format 2) + zarr.json files
+    assert len(files) < 45 < 200 * 4
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"

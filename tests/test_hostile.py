@@ -122,9 +122,9 @@ def test_forged_index_record_is_rebuilt_from_the_sample_ids(tmp_path, forge):
     ("samples/ids/c/0", r"samples/ids is missing chunk\(s\) \[0\]"),
     ("steps/status/c/0", r"steps/status is missing chunk\(s\) \[0\]"),
     ("steps/sample_end/c/0", r"steps/sample_end is missing chunk\(s\) \[0\]"),
-    ("layers/fc1.weight/values/c/0/0", r"layer 'fc1.weight': the shard of steps 0\.\.\d+ is missing"),
-    ("layers/fc2.weight/positions/c/0/0", r"layer 'fc2.weight': the shard of steps 0\.\.\d+ is missing"),
-    ("layers/fc2.bias/values/c/0/0", r"layer 'fc2.bias': the shard of steps 0\.\.\d+ is missing"),
+    ("layers/fc1.weight/values/c/0/0", r"layer 'fc1.weight': the shard holding steps 0\.\.\d+ is missing"),
+    ("layers/fc2.weight/positions/c/0/0", r"layer 'fc2.weight': the shard holding steps 0\.\.\d+ is missing"),
+    ("layers/fc2.bias/values/c/0/0", r"layer 'fc2.bias': the shard holding steps 0\.\.\d+ is missing"),
 ])
 def test_a_deleted_chunk_is_corruption_not_zeros(tmp_path, victim, message):
     """Zarr reads a missing chunk as zeros: a deleted chunk must be a clean error that changes

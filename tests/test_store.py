@@ -177,7 +177,7 @@ def test_per_layer_keep_mapping(store_path):
     ks = {s.name: (s.keep, s.k) for s in store.layers}
     assert ks == {"fc1.weight": (0.05, 24), "fc1.bias": (1.0, 40), "fc2.weight": (0.5, 60), "fc2.bias": (1.0, 3)}
     meta = store.meta
-    assert meta["format_version"] == 1 and meta["value_dtype"] == "bfloat16"
+    assert meta["format_version"] == 2 and meta["value_dtype"] == "bfloat16"
     assert [layer["name"] for layer in meta["layers"]] == list(ks)
 
 

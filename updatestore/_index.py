@@ -161,12 +161,14 @@ class StepTable:
     from the copy persisted in the store, so only newer steps are sorted.
     """
 
-    def __init__(self, root: zarr.Group, where: str, *, strict: bool = True) -> None:
+    def __init__(self, root: zarr.Group, where: str, *, strict: bool = True, row_map: bool = False) -> None:
         self._root = root
         self._where = where
         self._strict = strict  # the store promises every committed chunk exists (written since 0.2)
+        self._row_map = row_map  # format 2: steps/row says which layer row holds each step
         self.index: SampleIndex | None = None
         self.status: np.ndarray | None = None
+        self.rows: np.ndarray | None = None
         self._generation = 0
 
     @property
@@ -189,6 +191,7 @@ class StepTable:
             ends = root[paths.SAMPLE_END][:n] if n else np.zeros(0, np.int64)
             ids = root[paths.SAMPLE_IDS][:m] if m else np.zeros(0, np.int64)
             status = root[paths.STATUS][:n] if n else np.zeros(0, np.uint8)
+            rows = (root[paths.ROWS][:n] if n else np.zeros(0, np.int64)) if self._row_map else np.arange(n)
         except Exception as exc:  # checksum or codec failure in the step table
             raise CorruptStoreError(f"store {self._where}: the step table or sample index cannot be read: "
                                     f"{exc}") from exc
@@ -197,14 +200,19 @@ class StepTable:
             raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
         if (status > STATUS_NONFINITE).any():
             raise CorruptStoreError(f"store {self._where}: unknown step status codes {np.unique(status)}")
+        if n and (rows[0] < 0 or (np.diff(rows) <= 0).any()):
+            raise CorruptStoreError(f"store {self._where}: {paths.ROWS} is not strictly increasing from 0 "
+                                    "(steps would read other steps' rows); restore it from a backup")
         self.index = SampleIndex(ids, ends, presorted=self._presorted(n, ends, ids))
         self.status = status
+        self.rows = rows
         return self.index, self.status
 
     def _check_chunks(self, n: int, m: int) -> None:
         """A missing chunk of the step table reads as zeros: refuse it instead (statuses of all-skipped
         runs may legitimately be absent in stores written before 0.2)."""
         needed = [(paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)] + ([(paths.STATUS, n)] if self._strict else [])
+        needed += [(paths.ROWS, n)] if self._row_map else []
         for path, count in needed:
             arr = self._root[path]
             chunks = -(-count // arr.chunks[0])
@@ -215,7 +223,7 @@ class StepTable:
                                         f"(elements {a}..{b - 1} of {count} committed); restore them from a backup")
 
     def invalidate(self) -> None:
-        self.index = self.status = None
+        self.index = self.status = self.rows = None
 
     def forget_persisted(self) -> None:
         """Mark the persisted sorted index as covering nothing (before it is rewritten)."""

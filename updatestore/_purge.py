@@ -22,15 +22,17 @@ __all__ = ["purge_steps"]
 
 
 def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleIndex, status: np.ndarray,
-                steps: np.ndarray, samples: np.ndarray | None, owners: OwnerTable) -> int:
+                rows: np.ndarray, steps: np.ndarray, samples: np.ndarray | None, owners: OwnerTable) -> int:
     """Erase ``steps`` (sorted, unique, validated) and ``samples``; returns the sample IDs erased.
+
+    ``rows`` is every committed step's layer row (``arange`` in format 1).
 
     Also erased: whatever an interrupted writer left beyond the committed steps (rows and
     sample IDs no commit vouches for, which could hold the forgotten samples) and the
     temporary files of interrupted chunk rewrites.
     """
     n = index.num_steps
-    erase_beyond(root, specs, n, len(index.ids))
+    erase_beyond(root, specs, n, len(index.ids), int(rows[-1]) + 1 if n else 0)
     directory = local_root(root.store)
     if directory is not None:  # zarr's local store writes a chunk as <name>.<uuid>.partial, then renames it
         for leftover in directory.rglob("*.partial"):
@@ -38,7 +40,7 @@ def purge_steps(root: zarr.Group, specs: tuple[LayerSpec, ...], index: SampleInd
     new_status = status.copy()
     new_status[steps] = STATUS_PURGED
     dense_array(root, paths.STATUS)[:n] = new_status  # 1.
-    runs = read_plan(steps, 1)[0] if steps.size else []
+    runs = read_plan(rows[steps], 1)[0] if steps.size else []
     for spec in specs:  # 2.
         for path in spec.array_paths:
             arr = dense_array(root, path)  # zeroed rows stay as chunks: other rows of the shard are still checked

@@ -104,47 +104,54 @@ class Reader:
         self._arrays = {}
         self._verified = set()
 
-    def _verify(self, spec: LayerSpec, arrays: tuple[zarr.Array, zarr.Array | None], steps: np.ndarray) -> None:
-        """The shards of the blocks holding recorded ``steps`` exist (Zarr would read a deleted one as
+    def _verify(self, spec: LayerSpec, arrays: tuple[zarr.Array, zarr.Array | None], steps: np.ndarray,
+                rows: np.ndarray) -> None:
+        """The shards holding the rows of recorded ``steps`` exist (Zarr would read a deleted one as
         zeros). Positions of bitmap rows (k bits set) and of gap rows with k > 1 are never all zero, so
         they are checked in any store; values only where the store promises zero chunks are written."""
-        blocks = [int(b) for b in np.unique(steps // self._block) if (spec.name, int(b)) not in self._verified]
+        blocks = [int(b) for b in np.unique(rows // self._block) if (spec.name, int(b)) not in self._verified]
         varr, parr = arrays
         checked = [parr] if parr is not None and (spec.positions == "bitmap" or spec.k > 1 or self._strict) else []
         checked += [varr] if self._strict else []
         for arr in checked:
             lost = missing_chunks(arr, [(b, 0) for b in blocks])
             if lost:
-                a = lost[0][0] * self._block
+                hit = steps[rows // self._block == lost[0][0]]
                 raise CorruptStoreError(
-                    f"store {self._where}: layer {spec.name!r}: the shard of steps {a}..{a + self._block - 1} is "
-                    f"missing from {arr.path} although steps in it hold a recorded update; restore it from a backup")
+                    f"store {self._where}: layer {spec.name!r}: the shard holding steps {hit[0]}..{hit[-1]} is "
+                    f"missing from {arr.path} although they hold a recorded update; restore it from a backup")
         self._verified.update((spec.name, b) for b in blocks)
 
-    def _layer_arrays(self, spec: LayerSpec, num_steps: int) -> tuple[zarr.Array, zarr.Array | None]:
+    def _layer_arrays(self, spec: LayerSpec, num_rows: int) -> tuple[zarr.Array, zarr.Array | None]:
         # Opening an array reads its zarr.json; cache the handles (reopened after a resize).
         arrays = self._arrays.get(spec.name)
-        if arrays is None or arrays[0].shape[0] < num_steps:
+        if arrays is None or arrays[0].shape[0] < num_rows:
             varr = self._root[paths.values(spec.name)]
             parr = self._root[paths.positions(spec.name)] if positions_codec(spec.positions).stored else None
             arrays = self._arrays[spec.name] = (varr, parr)
+            if min(a.shape[0] for a in arrays if a is not None) < num_rows:
+                raise CorruptStoreError(f"store {self._where}: layer {spec.name!r} holds {varr.shape[0]} rows but "
+                                        f"committed steps use {num_rows}; restore it from a backup")
         return arrays
 
-    def read(self, layers: list[str], steps: np.ndarray, status: np.ndarray, num_steps: int) -> dict[str, Rows]:
+    def read(self, layers: list[str], steps: np.ndarray, rows: np.ndarray, status: np.ndarray) -> dict[str, Rows]:
         """Rows of sorted, unique ``steps`` (validated by the caller) for ``layers``.
 
-        ``status`` is the statuses of exactly those steps. Every array of every
-        layer is fetched in one concurrent round trip.
+        ``rows`` and ``status`` are the layer rows and statuses of exactly those steps.
+        Every array of every layer is fetched in one concurrent round trip.
         """
         specs = [self.spec(name) for name in layers]
+        need = int(rows[-1]) + 1 if rows.size else 0
+        recorded = status == STATUS_RECORDED
         for spec in specs:
-            self._verify(spec, self._layer_arrays(spec, num_steps), steps[status == STATUS_RECORDED])
-        contiguous = steps.size == 0 or steps[-1] - steps[0] + 1 == steps.size
-        start = int(steps[0]) if steps.size else 0
-        sel: slice | np.ndarray = slice(start, start + steps.size) if contiguous else steps
-        what = f"{start}..{start + steps.size - 1}" if contiguous else f"{steps[0]}..{steps[-1]} ({steps.size} steps)"
+            self._verify(spec, self._layer_arrays(spec, need), steps[recorded], rows[recorded])
+        contiguous = rows.size == 0 or rows[-1] - rows[0] + 1 == rows.size
+        start = int(rows[0]) if rows.size else 0
+        sel: slice | np.ndarray = slice(start, start + rows.size) if contiguous else rows
+        what = (f"{steps[0]}..{steps[-1]}" + ("" if steps[-1] - steps[0] + 1 == steps.size else f" ({steps.size} steps)")
+                if steps.size else "(none)")
         plans = [read_plan(sel, spec.chunk_rows) for spec in specs]
-        arrays = [(a, plan) for spec, plan in zip(specs, plans) for a in self._layer_arrays(spec, num_steps)]
+        arrays = [(a, plan) for spec, plan in zip(specs, plans) for a in self._layer_arrays(spec, need)]
 
         async def fetch(arr: zarr.Array | None, plan: tuple[list[slice], np.ndarray | None]):
             if arr is None:
@@ -160,7 +167,6 @@ class Reader:
         raw = sync(fetch_all())
         # Rows of steps without a stored update are zeros on disk; decode only recorded
         # rows and give the others zero values at 0..k-1.
-        recorded = status == STATUS_RECORDED
         out = {}
         for i, spec in enumerate(specs):
             try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, erase_beyond, paths
+from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, committed_rows, erase_beyond, paths
 from ._lineage import append_event, read_events
 from .errors import ConfigError, ModelMismatchError, StoreBehindCheckpointError
 
@@ -38,7 +38,7 @@ def check_state(state: Any) -> dict[str, Any]:
 
 
 def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dict[str, Any],
-          weights: str | None, num_steps: int, num_samples: int) -> tuple[int, int]:
+          weights: str | None, num_steps: int, num_samples: int, *, row_map: bool = False) -> tuple[int, int]:
     """Make the store hold exactly the checkpoint's steps; returns the new committed counts.
 
     ``weights`` is the fingerprint of the model being resumed. Raises (changing nothing)
@@ -71,8 +71,9 @@ def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dic
     index = INDEX_RECORD.read(root)
     if index is not None and index[0] > k:
         INDEX_RECORD.write(root, 0, 0)
+    rows = committed_rows(root, k, row_map)
     COUNTS.write(root, k, m_k)  # the commit point of the rollback
-    erase_beyond(root, specs, k, m_k)
+    erase_beyond(root, specs, k, m_k, rows)
     bump_generation(root)
     append_event(root, where, "rollback", step=k, samples=m_k, from_step=num_steps, from_samples=num_samples)
     return k, m_k

@@ -4,6 +4,9 @@ Commit protocol: a block's chunks are written first (every layer, then the
 step and sample arrays), and only then is the commit record (``steps``
 attributes: ``num_steps``, ``num_samples``) rewritten — one small atomic JSON
 write. Readers trust the commit record, so a crash mid-block never shows a half step.
+In format 2 every commit closes its shard (the next step starts the next shard and
+``steps/row`` says where each step went), so each shard is written once however often
+the loss window commits; a format 1 store keeps row = step and rewrites a partial shard.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import zarr
 
 from ._codecs import positions_codec, values_codec
-from ._format import COUNTS, dense_array, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._format import COUNTS, dense_array, erase_beyond, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
 from ._backend import fsync_written
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
@@ -66,8 +69,9 @@ class BlockWriter:
     """
 
     def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
-                 num_samples: int, *, where: str = "", max_queue: int = 8, commit_seconds: float | None = 5.0,
-                 fsync: bool = False, on_close: Callable[["BlockWriter"], None] | None = None) -> None:
+                 num_samples: int, *, row_map: bool = False, rows: int | None = None, where: str = "",
+                 max_queue: int = 8, commit_seconds: float | None = 5.0, fsync: bool = False,
+                 on_close: Callable[["BlockWriter"], None] | None = None) -> None:
         self._root = root
         self._fsync = fsync
         if fsync and hasattr(root.store, "unsynced"):
@@ -87,16 +91,28 @@ class BlockWriter:
         self._on_close = on_close
         self.committed_steps = num_steps
         self.committed_samples = num_samples
-        self._start = (num_steps // block) * block  # first step of the buffered block
-        self._n = num_steps - self._start  # rows buffered in the block
+        # Format 2 (row map): every commit closes its shard and the next step starts a new one, so
+        # a shard is written once however often the loss window commits (format 1 rewrote it).
+        self._row_map = row_map
+        self._rows_arr = dense_array(root, paths.ROWS) if row_map else None
         self._vals = [np.zeros((block,) + a[0].shape[1:], dtype=a[0].dtype) for a in self._arrays]
         self._pos = [None if p is None else np.zeros((block,) + p.shape[1:], dtype=p.dtype) for _, p in self._arrays]
         self._status = np.zeros(block, dtype=np.uint8)
         self._ends = np.zeros(block, dtype=np.int64)
         self._pending_ids: list[np.ndarray] = []
         self._total_samples = num_samples
-        if self._n:  # resuming inside a partly written block: reload its rows
-            self._reload_tail()
+        if row_map:
+            rows = num_steps if rows is None else rows
+            self._start, self._n, self._row0 = num_steps, 0, -(-rows // block) * block
+            if any(a.shape[0] > rows for pair in self._arrays for a in pair if a is not None) or \
+                    self._ids_arr.shape[0] > num_samples:  # an interrupted writer's uncommitted rows
+                erase_beyond(root, specs, num_steps, num_samples, rows)
+        else:
+            self._start = (num_steps // block) * block  # first step of the buffered block
+            self._n = num_steps - self._start  # rows buffered in the block
+            self._row0 = self._start  # format 1: row = step
+            if self._n:  # resuming inside a partly written block: reload its rows
+                self._reload_tail()
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="updatestore-writer", daemon=True)
@@ -219,19 +235,24 @@ class BlockWriter:
         a, b = self._start, self._start + n
         if b > self.committed_steps:
             self._write_rows(a, b, n)
-        if n == self._block:
+        if n == self._block or (self._row_map and n):
             self._start, self._n = b, 0
+            self._row0 = -(-(self._row0 + n) // self._block) * self._block
 
     def _write_rows(self, a: int, b: int, n: int) -> None:
+        r0, r1 = self._row0, self._row0 + n
         for (varr, parr), vbuf, pbuf in zip(self._arrays, self._vals, self._pos):
             for arr, buf in ((varr, vbuf), (parr, pbuf)):
                 if arr is None:
                     continue
-                if arr.shape[0] < b:
-                    arr.resize((b,) + arr.shape[1:])
-                arr[a:b] = buf[:n]
+                if arr.shape[0] < r1:
+                    arr.resize((r1,) + arr.shape[1:])
+                arr[r0:r1] = buf[:n]
         c = self.committed_steps  # steps before c are already in the step arrays
-        for arr, buf in ((self._status_arr, self._status), (self._end_arr, self._ends)):
+        vectors = [(self._status_arr, self._status), (self._end_arr, self._ends)]
+        if self._rows_arr is not None:
+            vectors.append((self._rows_arr, np.arange(r0, r1, dtype=np.int64)))
+        for arr, buf in vectors:
             if arr.shape[0] < b:
                 arr.resize((b,))
             arr[c:b] = buf[c - a : n]

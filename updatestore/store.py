@@ -12,7 +12,7 @@ from zarr.storage import MemoryStore  # noqa: F401 - used by the docstring examp
 
 from . import __version__, ledger as _ledger
 from ._backend import CountingStore, PathLike, check_exists, open_root, prepare_new, resolve, take_lock
-from ._format import LayerSpec, check_store, create_tree, plan_store, read_state
+from ._format import LayerSpec, check_store, committed_rows, has_row_map, create_tree, plan_store, read_state
 from ._index import SampleIndex, StepTable, as_sample_ids, as_steps
 from ._lineage import read_events
 from ._owners import OwnerTable
@@ -54,7 +54,8 @@ class UpdateStore:
         self._counter: CountingStore = root.store  # type: ignore[assignment]
         self._meta, specs, self._steps, self._samples = check_store(root, where)
         self._specs: tuple[LayerSpec, ...] = tuple(specs)
-        self._table = StepTable(root, where, strict=self._meta.get("chunks_always_written") is True)
+        self._row_map = has_row_map(self._meta)  # format 2: steps/row maps steps to layer rows
+        self._table = StepTable(root, where, strict=self._meta.get("chunks_always_written") is True, row_map=self._row_map)
         self._owners = OwnerTable(root, where)
         self._reader = Reader(root, self._specs, self._meta, where)
         self._writer: BlockWriter | None = None
@@ -96,7 +97,7 @@ class UpdateStore:
         check_exists(store, where)
         return cls(open_root(store, where, mode), where, mode)
 
-    def __enter__(self) -> "UpdateStore":
+    def __enter__(self) -> "UpdateStore":  # noqa: D105
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -165,7 +166,7 @@ class UpdateStore:
         if resume is not None:
             self._no_writer()
             self._steps, self._samples = align(self._root, self._where, self._specs, check_state(resume),
-                                               weights_fingerprint(model), *self._counts())
+                                               weights_fingerprint(model), *self._counts(), row_map=self._row_map)
             self._table.invalidate()
             self._reader.invalidate()
         sink = WriterSink(lambda s: self._open_writer(s, commit_seconds, fsync))
@@ -176,9 +177,9 @@ class UpdateStore:
         self._require_writable("record")
         self._no_writer()
         steps, samples = self._counts()
-        self._writer = BlockWriter(self._root, list(self._specs), self._meta["block_steps"], self.value_dtype,
-                                   steps, samples, where=self._where, commit_seconds=commit_seconds, fsync=fsync,
-                                   on_close=self._writer_closed)
+        self._writer = BlockWriter(self._root, list(self._specs), self._meta["block_steps"], self.value_dtype, steps,
+                                   samples, row_map=self._row_map, rows=committed_rows(self._root, steps, self._row_map),
+                                   where=self._where, commit_seconds=commit_seconds, fsync=fsync, on_close=self._writer_closed)
         self._sink = sink
         return self._writer
 
@@ -246,7 +247,7 @@ class UpdateStore:
         if (np.diff(steps) <= 0).any():
             raise StepError(f"steps must be sorted and unique to read them from store {self._where}")
         names = [s.name for s in self._specs] if layers is None else list(layers)
-        return self._reader.read(names, steps, status[steps], index.num_steps)
+        return self._reader.read(names, steps, self._table.rows[steps], status[steps])
 
     # ------------------------------------------------------------ ledger, purge, footprint
     def history(self) -> list[dict[str, Any]]:
@@ -254,8 +255,7 @@ class UpdateStore:
         return read_events(self._root, self._where)
 
     def ledger(self) -> list[dict[str, Any]]:
-        """The audit ledger: one entry per unlearning (time, method, hashed sample IDs,
-        steps subtracted, model fingerprint before and after, whether rows were purged)."""
+        """The audit ledger: per unlearning its time, method, hashed IDs, steps, model before/after, purged."""
         return _ledger.read_entries(self._root, self._where)
 
     def log_unlearning(self, entry: dict[str, Any]) -> int:
@@ -283,7 +283,7 @@ class UpdateStore:
         index, status = self._index()
         steps = np.unique(as_steps(steps, index.num_steps, where=f"store {self._where}"))
         ids = None if samples is None else as_sample_ids(samples, what="samples to purge")
-        erased = purge_steps(self._root, self._specs, index, status, steps, ids, self._owners)
+        erased = purge_steps(self._root, self._specs, index, status, self._table.rows, steps, ids, self._owners)
         self._table.invalidate()
         self._reader.invalidate()
         if erased:  # the persisted sorted index held the erased IDs too

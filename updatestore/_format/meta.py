@@ -19,10 +19,12 @@ from .records import META, sha256_json
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
            "STATUS_PURGED", "STATUS_NONFINITE", "PURGED_ID", "MAX_BLOCK_STEPS", "LayerSpec", "new_meta", "read_meta",
-           "model_fingerprint"]
+           "model_fingerprint", "has_row_map"]
 
 FORMAT_NAME = "updatestore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format 2 adds ``steps/row``: a commit may close a shard early, so a step's layer row is looked up.
+FIRST_ROW_MAP_VERSION = 2
 
 #: Step status codes in ``steps/status``.
 STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP skipped it)
@@ -101,6 +103,11 @@ class LayerSpec:
         codec = positions_codec(self.positions)
         pos = codec.width(self.numel, self.k) * codec.dtype(self.numel).itemsize if codec.stored else 0
         return self.k * values_codec(value_dtype).storage.itemsize + pos
+
+
+def has_row_map(meta: dict[str, Any]) -> bool:
+    """Whether the store maps steps to layer rows (format ≥ 2); in format 1 row = step."""
+    return meta["format_version"] >= FIRST_ROW_MAP_VERSION
 
 
 def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 __all__ = ["STEPS", "STATUS", "SAMPLE_END", "SAMPLES", "SAMPLE_IDS", "INDEX", "SORTED_IDS", "SORTED_STEPS",
            "OWNERS", "OWNER_SAMPLES", "OWNER_KEYS", "LEDGER", "LINEAGE", "LAYERS", "layer", "values", "positions",
-           "VECTORS", "NON_LAYER_GROUPS"]
+           "VECTORS", "NON_LAYER_GROUPS", "ROWS", "vectors"]
 
 STEPS = "steps"  # its attributes hold the commit record
 STATUS = "steps/status"
 SAMPLE_END = "steps/sample_end"
+ROWS = "steps/row"  # format 2: the layer row holding each step's update
 SAMPLES = "samples"
 SAMPLE_IDS = "samples/ids"
 INDEX = "index"  # the persisted sorted sample index, a cache of samples/ids
@@ -23,6 +24,13 @@ LAYERS = "layers"
 
 #: Every 1-D array, in the order the metadata's array list was first written.
 VECTORS = (STATUS, SAMPLE_END, SAMPLE_IDS, OWNER_SAMPLES, OWNER_KEYS, SORTED_IDS, SORTED_STEPS)
+
+
+def vectors(format_version: int) -> tuple[str, ...]:
+    """Every 1-D array of a store of this format version."""
+    return VECTORS + ((ROWS,) if format_version >= 2 else ())
+
+
 #: Groups holding the step table, sample index and owner table (footprint's index figure).
 NON_LAYER_GROUPS = (STEPS, SAMPLES, INDEX, OWNERS)
 

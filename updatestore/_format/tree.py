@@ -10,12 +10,12 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .._codecs import choose_positions, positions_codec, values_codec
 from ..config import StoreConfig, kept_count, resolve_keep
-from ..errors import ConfigError, NotAStoreError
+from ..errors import ConfigError, CorruptStoreError, NotAStoreError
 from . import paths
-from .meta import MAX_BLOCK_STEPS, LayerSpec, model_fingerprint, new_meta
+from .meta import MAX_BLOCK_STEPS, LayerSpec, has_row_map, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -79,13 +79,28 @@ def truncate(arr: zarr.Array, start: int) -> None:
         arr.resize((start,) + arr.shape[1:])
 
 
-def erase_beyond(root: zarr.Group, specs: list[LayerSpec] | tuple[LayerSpec, ...], n: int, m: int) -> None:
-    """Erase every row past ``n`` steps and every sample ID past ``m`` (what no commit record vouches
-    for: rolled-back steps, or what an interrupted writer left) and shrink the arrays to them."""
+def committed_rows(root: zarr.Group, n: int, row_map: bool) -> int:
+    """Layer rows in use by the first ``n`` steps: ``n`` in format 1, else one past step ``n-1``'s row."""
+    if not row_map or n == 0:
+        return n
+    row = int(root[paths.ROWS][n - 1])
+    if row < n - 1:  # rows strictly increase from 0, so row(n-1) >= n-1
+        raise CorruptStoreError(f"{paths.ROWS}[{n - 1}] = {row} is impossible for {n} committed steps")
+    return row + 1
+
+
+def erase_beyond(root: zarr.Group, specs: list[LayerSpec] | tuple[LayerSpec, ...], n: int, m: int,
+                 rows: int) -> None:
+    """Erase every step past ``n`` (layer rows past ``rows``) and every sample ID past ``m`` (what no
+    commit record vouches for: rolled-back steps, or what an interrupted writer left) and shrink the
+    arrays to them."""
     for spec in specs:
         for path in spec.array_paths:
-            truncate(root[path], n)
-    for path, count in ((paths.STATUS, n), (paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)):
+            truncate(root[path], rows)
+    vectors = [(paths.STATUS, n), (paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)]
+    if paths.ROWS in root:  # format 2
+        vectors.append((paths.ROWS, n))
+    for path, count in vectors:
         truncate(root[path], count)
 
 
@@ -125,8 +140,8 @@ def array_digest(arr: zarr.Array) -> str:
     return sha256_json(d)
 
 
-def _array_paths(specs: list[LayerSpec]) -> list[str]:
-    return list(paths.VECTORS) + [p for s in specs for p in s.array_paths]
+def _array_paths(specs: list[LayerSpec], format_version: int) -> list[str]:
+    return list(paths.vectors(format_version)) + [p for s in specs for p in s.array_paths]
 
 
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
@@ -143,6 +158,8 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
         root.create_group(group)
     vector(paths.STATUS, "uint8", VECTOR_CHUNK)
     vector(paths.SAMPLE_END, "int64", VECTOR_CHUNK)
+    if has_row_map(meta):
+        vector(paths.ROWS, "int64", VECTOR_CHUNK)
     vector(paths.SAMPLE_IDS, "int64", VECTOR_CHUNK)
     vector(paths.SORTED_IDS, "int64", VECTOR_CHUNK * 4)
     vector(paths.SORTED_STEPS, "int64", VECTOR_CHUNK * 4)
@@ -171,7 +188,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
 def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], num_steps: int,
                 num_samples: int, where: str) -> dict[str, zarr.Array]:
     """Every array of the store, each checked against the metadata it was created with."""
-    wanted = _array_paths(specs)
+    wanted = _array_paths(specs, meta["format_version"])
     if sorted(wanted) != sorted(meta["arrays"]):
         raise NotAStoreError(f"{where}: the metadata's array list does not match its layers")
     out = {}
@@ -185,8 +202,10 @@ def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], 
                 f"{where}: array {path!r} does not match the metadata it was created with "
                 "(its zarr.json was changed or damaged)"
             )
+        # (format 2's layer arrays are checked against the row map when read)
         need = (num_samples if path == paths.SAMPLE_IDS else
-                0 if path.startswith((paths.OWNERS + "/", paths.INDEX + "/")) else num_steps)
+                0 if path.startswith((paths.OWNERS + "/", paths.INDEX + "/")) else
+                0 if path.startswith(paths.LAYERS + "/") and has_row_map(meta) else num_steps)
         if arr.shape[0] < need:
             raise NotAStoreError(f"{where}: array {path!r} holds {arr.shape[0]} rows but {need} are committed")
         out[path] = arr

@@ -1,0 +1,147 @@
+"""Format 2's row map: frequent commits write each shard once, and every path reads the right rows."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+import unlearn
+from conftest import make_tiny, oracle_after
+from test_lifecycle import run_steps
+from updatestore import CorruptStoreError, UpdateStore
+
+
+class CountingSets(LocalStore):
+    """A local store that counts how often each key is written."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.sets = Counter()
+
+    async def set(self, key, value):
+        self.sets[key] += 1
+        await super().set(key, value)
+
+
+def record(path, window, steps=12, keep=0.5, seed=0):
+    model = make_tiny()
+    store = UpdateStore.create(path, model, keep=keep)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    oracle = []
+    with store.recorder(model, opt, commit_seconds=window) as rec:
+        for s in range(steps):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with rec.batch(np.arange(4) + 4 * s):
+                opt.zero_grad()
+                model(torch.randn(4, 12, generator=g)).pow(2).mean().backward()
+                opt.step()
+            oracle.append({n: p.detach() - before[n] for n, p in model.named_parameters()})
+    return model, store, oracle
+
+
+def test_a_commit_per_step_writes_every_shard_once_and_reads_back_identically(tmp_path):
+    """commit_seconds tiny: every step is its own commit. Each layer chunk key is written exactly once
+    (format 1 rewrote the growing shard at each commit), and every row reads back bit-identical to a
+    run that committed only at the end."""
+    base = CountingSets(str(tmp_path / "often"))
+    _, often, _ = record(base, 1e-9)
+    _, once, _ = record(tmp_path / "once", None)
+    layer_writes = {k: n for k, n in base.sets.items() if k.startswith("layers/") and "/c/" in k}
+    assert layer_writes and max(layer_writes.values()) == 1, layer_writes
+    rows = often._table.rows
+    assert len(rows) == 12 and (np.diff(rows) > 0).all()
+    assert rows[1] >= often.meta["block_steps"]  # each commit closed its shard
+    steps = np.arange(12)
+    a, b = often.read(steps), once.read(steps)
+    for name in a:
+        assert torch.equal(a[name].values, b[name].values) and torch.equal(a[name].positions, b[name].positions)
+    assert often.batches_containing([5, 44]).tolist() == once.batches_containing([5, 44]).tolist() == [1, 11]
+
+
+def test_unlearning_purge_and_resume_follow_the_row_map(tmp_path):
+    model, store, oracle = record(tmp_path / "s", 1e-9, keep=1.0)
+    store.close()
+    forget = [9, 30]  # steps 2 and 7
+    want = oracle_after(model, oracle, [2, 7], 1.0)
+    with UpdateStore.open(tmp_path / "s", "r+") as store:
+        report = unlearn.amnesiac(model, store, forget, device="cpu")
+        assert report.steps_hit.tolist() == [2, 7]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), want[name], rtol=0, atol=2e-2)
+        status = store.step_status()
+        assert status[[2, 7]].tolist() == [3, 3] and (np.delete(status, [2, 7]) == 1).all()
+        other = store.read([1, 3])
+        assert all(r.values.abs().sum() > 0 for r in other.values())
+        purged = store.read([2])
+        assert all(r.values.abs().sum() == 0 for r in purged.values())
+
+
+def test_resume_into_a_closed_shard_starts_the_next_one(tmp_path):
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = UpdateStore.create(tmp_path / "s", model, keep=0.5)
+    block = store.meta["block_steps"]
+    with store.recorder(model, opt) as rec:
+        run_steps(rec, model, opt, range(3))
+        state = rec.state_dict()  # commits: the shard of rows 0..2 is closed
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        run_steps(rec, model, opt, range(3, 6))
+    store._index()
+    assert store._table.rows.tolist() == [0, 1, 2, block, block + 1, block + 2]
+    ref = store.read([0, 1, 2])
+    # Resume from the checkpoint: steps 3..5 are rolled back and their rows erased.
+    model.load_state_dict(saved)
+    with store.recorder(model, opt, resume=state):
+        pass
+    store.close()
+    with UpdateStore.open(tmp_path / "s") as again:
+        assert again.num_batches == 3
+        for name, rows in again.read([0, 1, 2]).items():
+            assert torch.equal(rows.values, ref[name].values)
+        arr = zarr.open_group(str(tmp_path / "s"), mode="r")[f"layers/{again.layers[0].name}/values"]
+        assert arr.shape[0] == 3  # the rolled-back rows are gone
+
+
+def test_forged_row_map_is_corruption(tmp_path):
+    _, store, _ = record(tmp_path / "s", 1e-9)
+    store.close()
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    rows = root["steps/row"]
+    good = rows[:]
+    rows[:] = np.concatenate([[0], good[:1], good[2:]])  # step 1 would read step 0's row
+    with UpdateStore.open(tmp_path / "s") as s, pytest.raises(CorruptStoreError, match="steps/row"):
+        s.read([0, 1])
+    bad = good.copy()
+    bad[-1] = 10**9  # beyond every layer array
+    rows[:] = bad
+    with UpdateStore.open(tmp_path / "s") as s, pytest.raises(CorruptStoreError, match="rows"):
+        s.read(np.arange(12))
+
+
+def test_format1_store_appends_as_format1(tmp_path):
+    """A 0.1.0 store opened r+ by this release keeps format 1 (rows = steps, no steps/row)."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "format1"
+    shutil.copytree(fixture / "store", tmp_path / "store")
+    from safetensors.torch import load_file
+
+    model = make_tiny(0)
+    model.load_state_dict(load_file(str(fixture / "trained.safetensors")))
+    with UpdateStore.open(tmp_path / "store", "r+") as store:
+        n = store.num_batches
+        before = store.read(np.arange(n))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with store.recorder(model, opt, commit_seconds=1e-9) as rec:
+            run_steps(rec, model, opt, range(100, 104))
+        assert store.num_batches == n + 4 and store.meta["format_version"] == 1
+        after = store.read(np.arange(n))
+        for name in before:
+            assert torch.equal(before[name].values, after[name].values)
+        assert store.read([n + 3])[store.layers[0].name].values.abs().sum() > 0
+    assert "row" not in zarr.open_group(str(tmp_path / "store"), mode="r")["steps"]
