@@ -95,3 +95,14 @@ def test_public_names_are_exported():
     for mod in (updatestore, unlearn):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.__all__ lists {name!r}, which does not exist"
+
+
+def test_importing_the_package_imports_no_training_framework():
+    """Integrations import their framework only when imported themselves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, updatestore, unlearn, updatestore.integrations; "
+            "print([m for m in ('lightning', 'pytorch_lightning', 'transformers', 'peft') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -190,6 +190,18 @@ class Recorder:
         carried to the next step. A batch that ends with no optimizer step (and
         no ``accumulate``) is recorded as a skipped step (e.g. AMP GradScaler).
         """
+        self.begin(ids)
+        try:
+            yield
+        except BaseException:
+            self._in_batch = False
+            self._pending = [] if self._steps_in_batch == 0 else self._pending
+            raise
+        self.end(accumulate=accumulate)
+
+    def begin(self, ids: Any) -> None:
+        """Open a batch (``rec.batch`` split in two, for frameworks whose hooks bracket a batch): ``ids`` are
+        its samples; the optimizer step, if any, must come before :meth:`end`."""
         self._require_attached()
         if self._optimizer is None:
             raise RecorderError("rec.batch() needs an optimizer; without one call rec.step(ids) after each update")
@@ -200,15 +212,19 @@ class Recorder:
             raise RecorderError("a batch was recorded without sample IDs; pass the batch's IDs to rec.batch(ids)")
         self._pending.append(batch_ids)
         self._in_batch, self._steps_in_batch = True, 0
-        try:
-            yield
-        except BaseException:
-            self._pending = [] if self._steps_in_batch == 0 else self._pending
-            raise
-        finally:
-            self._in_batch = False
+
+    def end(self, *, accumulate: bool = False) -> bool:
+        """Close the batch :meth:`begin` opened; returns whether an optimizer step happened in it.
+
+        Without a step, ``accumulate=True`` carries its IDs to the next step; otherwise the batch
+        is recorded as a skipped step (the optimizer did not update: e.g. GradScaler skipped it).
+        """
+        if not self._in_batch:
+            raise RecorderError("rec.end() without rec.begin(ids)")
+        self._in_batch = False
         if self._steps_in_batch == 0 and not accumulate:
             self._emit(StepRecord(STATUS_SKIPPED, self._step_ids()))
+        return self._steps_in_batch > 0
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._in_batch:
