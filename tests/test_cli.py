@@ -105,6 +105,12 @@ def test_dry_run_writes_nothing(workdir):
     (["info", "missing.zarr"], "no update store at missing.zarr: the path does not exist"),
     (["query", "run.zarr", "--samples", "3,x"], "sample IDs must be integers"),
     (["query", "run.zarr"], "give exactly one of --samples"),
+    (["query", "run.zarr", "--samples", "18446744073709551616"], "must fit in int64"),
+    (["query", "run.zarr", "--samples=--5"], "sample IDs must be integers"),
+    (["query", "run.zarr", "--samples", "1_000"], "sample IDs must be integers"),
+    (["query", "run.zarr", "--samples", "\u0663"], "sample IDs must be integers"),
+    (["unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors", "--samples", "3",
+      "--out", "o.safetensors", "--device", "cuda"], "no CUDA device"),
     (["unlearn", "run.zarr", "--model", "unlearn.models:WideCNN", "--weights", "w.safetensors", "--samples", "3",
       "--out", "o.safetensors"], "do not fit --model unlearn.models:WideCNN"),
     (["unlearn", "run.zarr", "--model", "nope.mod:F", "--weights", "w.safetensors", "--samples", "3",
@@ -194,3 +200,65 @@ def test_sigkill_during_cli_unlearn_then_retry(pristine, workdir, point, nth):
 
     shutil.copytree(pristine / "run.zarr", workdir / "ref.zarr")
     assert_one_subtraction(workdir / "ref.zarr", pristine / "w.safetensors", [3, 17], workdir / "final.safetensors")
+
+
+def test_version_and_demo_help(workdir):
+    from updatestore import FORMAT_VERSION, __version__
+
+    rc, out, _ = run("--version", cwd=workdir)
+    assert rc == 0 and out.strip() == f"updatestore {__version__} (writes format {FORMAT_VERSION})"
+    rc, out, _ = run("demo", "--help", cwd=workdir)
+    assert rc == 0 and "--epochs" in out and "--store" in out and "--forget" in out
+
+
+def test_query_after_purge_says_forgotten_not_never_recorded(workdir):
+    rc, _, err = run("unlearn", "run.zarr", "--model", "unlearn.models:DigitsCNN", "--weights", "w.safetensors",
+                     "--samples", "3", "--out", "out.safetensors", cwd=workdir)
+    assert rc == 0, err
+    rc, out, _ = run("query", "run.zarr", "--samples", "3,2000", cwd=workdir)
+    assert rc == 0 and "forgotten and purged (in the audit ledger): 3" in out
+    assert "unknown sample IDs (never recorded): 2000" in out
+    res = json.loads(run("query", "run.zarr", "--samples", "3,2000", "--json", cwd=workdir)[1])
+    assert res["forgotten_and_purged"] == [3] and res["unknown"] == [2000]
+
+
+def test_unlearn_reads_weights_saved_with_tied_tensors_once(tmp_path):
+    """safetensors' save_model stores a tied tensor once; the CLI loads such files (load_model)."""
+    from safetensors.torch import save_model
+
+    (tmp_path / "tied.py").write_text(
+        "import torch\n"
+        "class Tied(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(10, 4)\n"
+        "        self.out = torch.nn.Linear(4, 10, bias=False)\n"
+        "        self.out.weight = self.emb.weight\n"
+        "    def forward(self, x):\n"
+        "        return self.out(self.emb(x))\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Tied()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tied
+
+        model = tied.make()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tied", None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32") as store, \
+            store.recorder(model, opt) as rec:
+        for s in range(3):
+            with rec.batch([s]):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(torch.tensor([s])), torch.tensor([s + 1])).backward()
+                opt.step()
+    save_model(model, str(tmp_path / "tied.safetensors"))  # one tensor for the two names
+    assert len(load_file(str(tmp_path / "tied.safetensors"))) == 1
+    rc, out, err = run("unlearn", "s.zarr", "--model", "tied:make", "--weights", "tied.safetensors",
+                       "--samples", "0,1,2", "--out", "o.safetensors", cwd=tmp_path)
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "o.safetensors"))
+    torch.testing.assert_close(got["emb.weight"], tied.make().emb.weight.detach(), rtol=0, atol=1e-6)

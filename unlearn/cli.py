@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from updatestore import (
+    FORMAT_VERSION,
     PURGED_ID,
     STATUS_NONFINITE,
     STATUS_NOT_STORED,
@@ -26,7 +28,9 @@ from updatestore import (
     STATUS_SKIPPED,
     UpdateStore,
     UpdateStoreError,
+    __version__,
     as_sample_ids,
+    ids_in_ledger,
 )
 
 __all__ = ["main", "CliError"]
@@ -47,11 +51,11 @@ def _ids(args: argparse.Namespace) -> np.ndarray:
         except OSError as exc:
             raise CliError(f"cannot read --samples-file {args.samples_file}: {exc.strerror}") from None
     tokens = [t for t in text.replace(",", " ").split() if t]
-    try:
-        values = [int(t) for t in tokens]
-    except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-        raise CliError(f"sample IDs must be integers separated by commas or spaces; got {bad!r}") from None
+    # ASCII digits only: int() would also take "1_000" and non-ASCII digits, which no key file means.
+    bad = next((t for t in tokens if not re.fullmatch(r"-?[0-9]+", t)), None)
+    if bad is not None:
+        raise CliError(f"sample IDs must be integers separated by commas or spaces; got {bad[:40]!r}")
+    values = [int(t) for t in tokens]
     if not values:
         raise CliError("no sample IDs given")
     return as_sample_ids(values)
@@ -120,13 +124,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         steps = store.batches_containing(ids[found])
         others = np.setdiff1d(store.samples_in_steps(steps), ids)
         total = store.num_batches
-    out = {"samples": ids.tolist(), "unknown": ids[~found].tolist(), "steps": steps.tolist(),
-           "steps_total": total, "other_samples_in_those_steps": int(others.size)}
+        # A purged ID is a tombstone in the index: the ledger's hashed IDs tell it from one never recorded.
+        purged = np.zeros(ids.size, bool)
+        purged[~found] = ids_in_ledger(store.ledger(), ids[~found]) if (~found).any() else []
+    unknown = ~found & ~purged
+    out = {"samples": ids.tolist(), "unknown": ids[unknown].tolist(), "forgotten_and_purged": ids[purged].tolist(),
+           "steps": steps.tolist(), "steps_total": total, "other_samples_in_those_steps": int(others.size)}
     text = (f"{int(found.sum())}/{ids.size} samples found in {steps.size} of {total} steps"
             f"{': ' + ', '.join(map(str, steps[:20].tolist())) + (' ...' if steps.size > 20 else '') if steps.size else ''}\n"
             f"{others.size} other samples share those steps")
-    if (~found).any():
-        text += f"\nunknown sample IDs (never recorded): {', '.join(map(str, ids[~found][:20].tolist()))}"
+    if purged.any():
+        text += f"\nforgotten and purged (in the audit ledger): {', '.join(map(str, ids[purged][:20].tolist()))}"
+    if unknown.any():
+        text += f"\nunknown sample IDs (never recorded): {', '.join(map(str, ids[unknown][:20].tolist()))}"
     _print(out, args.json, text)
     return 0
 
@@ -154,21 +164,25 @@ def _build_model(spec: str):
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     from .errors import UnknownModelError
     from .methods import amnesiac
 
     ids = _ids(args)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda: this torch has no CUDA device available (use --device cpu)")
     model = _build_model(args.model)
+    if not Path(args.weights).is_file():
+        raise CliError(f"weights file {args.weights} does not exist")
     try:
-        state = load_file(args.weights)
-    except FileNotFoundError:
-        raise CliError(f"weights file {args.weights} does not exist") from None
+        # load_model, not load_file + load_state_dict: weights saved with tied tensors stored once load too
+        load_model(model, args.weights, strict=True)
     except (SafetensorError, OSError) as exc:
         raise CliError(f"cannot read weights {args.weights} as safetensors: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
@@ -257,6 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="updatestore", description="Inspect update stores, query them, unlearn.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="version", version=f"updatestore {__version__} (writes format {FORMAT_VERSION})")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="what a store holds and its footprint")
@@ -287,8 +302,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_unlearn)
 
-    s = sub.add_parser("demo", help="train on the bundled digits with a store attached, then unlearn "
-                                     "(other options go to python -m unlearn.demo)")
+    # add_help=False: `updatestore demo --help` reaches the demo's own parser, which lists its options
+    s = sub.add_parser("demo", add_help=False, help="train on the bundled digits with a store attached, then unlearn "
+                                                    "(options: updatestore demo --help)")
     s.set_defaults(func=cmd_demo, passthrough=True)
 
     s = sub.add_parser("bench", help="run a benchmark script (other options go to it)")

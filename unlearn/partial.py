@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from updatestore import ConfigError, check_ratio, kept_count, match_layers
+from updatestore import ConfigError, canonical_name, check_ratio, kept_count, match_layers
 
 __all__ = ["PartialUpdate"]
 
@@ -35,7 +35,7 @@ class PartialUpdate:
         if select not in ("mmax", "random"):
             raise ConfigError(f"select must be 'mmax' (largest |gradient|) or 'random', got {select!r}")
         self.select = select
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         chosen = set(match_layers([n for n, _ in named], layers))
         self._active = [(n, p, kept_count(self.ratio, p.numel())) for n, p in named if n in chosen]
         self._frozen = [p for n, p in named if n not in chosen]

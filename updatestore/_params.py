@@ -7,12 +7,25 @@ import torch
 from ._format import LayerSpec
 from .errors import ModelMismatchError
 
-__all__ = ["trainable", "named_shapes", "match_model"]
+__all__ = ["canonical_name", "trainable", "named_shapes", "match_model"]
+
+#: ``torch.compile`` wraps a module as ``OptimizedModule`` whose parameters live under this attribute.
+_COMPILED = "_orig_mod"
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without ``torch.compile``'s ``_orig_mod.`` components, so that a store
+    created on a compiled module opens with the plain one and vice versa.
+
+    >>> canonical_name("_orig_mod.fc.weight"), canonical_name("block._orig_mod.fc.bias")
+    ('fc.weight', 'block.fc.bias')
+    """
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters a store records: those that require grad and are not empty."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
+    """The parameters a store records: those that require grad and are not empty, by canonical name."""
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0]
 
 
 def named_shapes(params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, tuple[int, ...], str]]:

@@ -20,6 +20,7 @@ import torch
 import zarr
 
 from ._format import LEDGER
+from ._params import canonical_name
 from .errors import NotAStoreError
 
 __all__ = ["weights_fingerprint", "hash_ids", "lineage_entries", "subtracted_in_lineage", "ids_in_ledger", "now",
@@ -33,7 +34,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     64
     """
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # canonical names: a compiled module is the same model
+        name = canonical_name(name)
         t = p.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

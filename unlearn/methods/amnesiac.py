@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import ConfigError, LayerSpec, UpdateStore, kept_count, resolve_keep, weights_fingerprint
+from updatestore import ConfigError, LayerSpec, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
 
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
@@ -186,7 +186,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         best = 0
         if isinstance(keep, Auto):
             def build(scratch: torch.nn.Module, ratio: float) -> None:
-                params = dict(scratch.named_parameters())
+                params = {canonical_name(n): p for n, p in scratch.named_parameters()}
                 with torch.no_grad():
                     for (spec, _), value in zip(pairs, news[ratios.index(ratio)]):
                         params[spec.name].copy_(value)
