@@ -284,3 +284,28 @@ def test_crash_and_resume_keeps_exactly_the_final_lineage(tmp_path, seed):
 @pytest.mark.parametrize("seed", range(2, 24))
 def test_crash_and_resume_keeps_exactly_the_final_lineage_many_trials(tmp_path, seed):
     _crash_and_resume(tmp_path, seed)
+
+
+def test_resume_rolls_back_owner_entries_indexed_after_the_checkpoint(store_path):
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = UpdateStore.create(store_path, model, keep=0.5)
+    store.index_owners([0, 1, 2, 3], [7, 7, 8, 8])
+    with store.recorder(model, opt) as rec:
+        run_steps(rec, model, opt, range(2))
+        state = rec.state_dict()
+        saved = copy.deepcopy(model.state_dict())
+        store.index_owners([4, 5], [9, 9])  # after the checkpoint: lost with the crash
+        run_steps(rec, model, opt, range(2, 4))
+    assert state["owners"] == 4 and store.samples_of([9]).tolist() == [4, 5]
+    model.load_state_dict(saved)
+    legacy = {k: v for k, v in state.items() if k != "owners"}  # a state saved before owner rollback
+    with store.recorder(model, opt, resume=legacy):
+        pass
+    assert store.num_batches == 2 and store.samples_of([9]).tolist() == [4, 5]  # owners untouched
+    with store.recorder(model, opt, resume=state):
+        pass
+    assert store.samples_of([9]).tolist() == [] and store.samples_of([7, 8]).tolist() == [0, 1, 2, 3]
+    store.close()
+    with UpdateStore.open(store_path) as again:
+        assert again.samples_of([9]).tolist() == []

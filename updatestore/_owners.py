@@ -21,6 +21,7 @@ class OwnerTable:
         self._root = root
         self._where = where
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._sorted_count = -1  # the committed count the cache was built at (a rollback lowers it)
 
     def count(self) -> int:
         record = OWNER_COUNT.read(self._root)
@@ -44,15 +45,15 @@ class OwnerTable:
         self._sorted = None
 
     def _table(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._sorted is None:
-            n = self.count()
+        n = self.count()
+        if self._sorted is None or self._sorted_count != n:
             try:
                 sids = self._root[paths.OWNER_SAMPLES][:n] if n else np.zeros(0, np.int64)
                 keys = self._root[paths.OWNER_KEYS][:n] if n else np.zeros(0, np.int64)
             except Exception as exc:
                 raise CorruptStoreError(f"store {self._where}: the owner table cannot be read: {exc}") from exc
             order = np.argsort(keys, kind="stable")
-            self._sorted = (keys[order], sids[order])
+            self._sorted, self._sorted_count = (keys[order], sids[order]), n
         return self._sorted
 
     def samples_of(self, owners: Any) -> np.ndarray:

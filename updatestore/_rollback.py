@@ -5,7 +5,8 @@ belong to a lineage the model no longer has. Rolling back writes, in order: the
 sorted-index record (invalidated if it covers rolled-back steps, so a cache of
 them is never trusted again), the commit record (the atomic point: from here on
 readers see the checkpoint's steps), zeros over everything the rolled-back steps
-left in the arrays (rows, statuses, sample IDs), and a ``rollback`` lineage event.
+left in the arrays (rows, statuses, sample IDs), the owner table back to its
+count at the checkpoint, and a ``rollback`` lineage event.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import COUNTS, INDEX_RECORD, LayerSpec, bump_generation, committed_rows, erase_beyond, paths
+from ._format import COUNTS, INDEX_RECORD, OWNER_COUNT, LayerSpec, bump_generation, committed_rows, erase_beyond, paths, truncate
 from ._lineage import append_event, read_events
 from .errors import ConfigError, ModelMismatchError, StoreBehindCheckpointError
 
@@ -34,7 +35,10 @@ def check_state(state: Any) -> dict[str, Any]:
         raise ConfigError(f"resume= state has invalid steps/samples {steps!r}/{samples!r}")
     if weights is not None and not isinstance(weights, str):
         raise ConfigError(f"resume= state has an invalid weights fingerprint {weights!r}")
-    return {"steps": steps, "samples": samples, "weights": weights}
+    owners = state.get("owners")  # absent in states saved before 0.2's owner rollback
+    if owners is not None and (not isinstance(owners, int) or isinstance(owners, bool) or owners < 0):
+        raise ConfigError(f"resume= state has an invalid owner count {owners!r}")
+    return {"steps": steps, "samples": samples, "weights": weights, "owners": owners}
 
 
 def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dict[str, Any],
@@ -67,6 +71,7 @@ def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dic
                 f"store {where} has no checkpoint at step {k} with these weights: the checkpoint was saved "
                 "with another store's recorder")
     if k == num_steps:
+        _rollback_owners(root, state["owners"])
         return num_steps, num_samples
     index = INDEX_RECORD.read(root)
     if index is not None and index[0] > k:
@@ -74,6 +79,17 @@ def align(root: zarr.Group, where: str, specs: tuple[LayerSpec, ...], state: dic
     rows = committed_rows(root, k, row_map)
     COUNTS.write(root, k, m_k)  # the commit point of the rollback
     erase_beyond(root, specs, k, m_k, rows)
+    _rollback_owners(root, state["owners"])
     bump_generation(root)
     append_event(root, where, "rollback", step=k, samples=m_k, from_step=num_steps, from_samples=num_samples)
     return k, m_k
+
+
+def _rollback_owners(root: zarr.Group, keep: int | None) -> None:
+    """Owner-table entries indexed after the checkpoint go too: the count record first (atomic), then the entries."""
+    count = OWNER_COUNT.read(root)
+    if keep is None or count is None or count[0] <= keep:
+        return
+    OWNER_COUNT.write(root, keep)
+    for path in (paths.OWNER_SAMPLES, paths.OWNER_KEYS):
+        truncate(root[path], keep)

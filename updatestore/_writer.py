@@ -24,7 +24,7 @@ import torch
 import zarr
 
 from ._codecs import positions_codec, values_codec
-from ._format import COUNTS, dense_array, erase_beyond, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._format import COUNTS, OWNER_COUNT, dense_array, erase_beyond, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
 from ._backend import fsync_written
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
@@ -133,12 +133,13 @@ class BlockWriter:
                 break
         self._check()
 
-    def checkpoint(self, weights: str | None) -> tuple[int, int]:
-        """Commit every step handed over so far and note the model's fingerprint there."""
+    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
+        """Commit every step handed over so far and note the model's fingerprint there; returns the
+        committed steps, samples and owner-table entries."""
         self.flush()
         append_event(self._root, self._where, "checkpoint", step=self.committed_steps,
                      samples=self.committed_samples, weights=weights)
-        return self.committed_steps, self.committed_samples
+        return self.committed_steps, self.committed_samples, (OWNER_COUNT.read(self._root) or (0,))[0]
 
     def close(self, weights: str | None = None) -> None:
         """Commit everything and stop; ``weights`` (the model's fingerprint now) goes into the lineage."""
@@ -301,7 +302,7 @@ class WriterSink:
             raise RecorderError("the store's writer is closed; record inside `with store.recorder(...)`")
         self._writer.put(record)
 
-    def checkpoint(self, weights: str | None) -> tuple[int, int]:
+    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
         if self._writer is None:
             raise RecorderError("the store's writer is closed; call rec.state_dict() while the recorder is attached")
         return self._writer.checkpoint(weights)

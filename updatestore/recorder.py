@@ -32,13 +32,14 @@ _ATTACHED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 class StepSink(Protocol):
     """Where a recorder hands its steps: opened on attach, closed on detach.
 
-    ``checkpoint`` commits every step so far and notes the weights' fingerprint there;
+    ``checkpoint`` commits every step so far and notes the weights' fingerprint there (it
+    returns the committed steps, sample IDs and owner-table entries);
     ``close`` notes the fingerprint at the end of recording.
     """
 
     def open(self) -> None: ...
     def put(self, record: StepRecord) -> None: ...
-    def checkpoint(self, weights: str | None) -> tuple[int, int]: ...
+    def checkpoint(self, weights: str | None) -> tuple[int, int, int]: ...
     def close(self, weights: str | None = None) -> None: ...
 
 
@@ -47,8 +48,8 @@ class _Discard:
 
     def open(self) -> None: ...
     def put(self, record: StepRecord) -> None: ...
-    def checkpoint(self, weights: str | None) -> tuple[int, int]:
-        return -1, -1
+    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
+        return -1, -1, -1
     def close(self, weights: str | None = None) -> None: ...
 
 
@@ -147,8 +148,8 @@ class Recorder:
             raise RecorderError("rec.state_dict() inside a rec.batch(...) block or between gradient-accumulation "
                                 "micro-batches: checkpoint after an optimizer step")
         weights = self._fingerprint()
-        steps, samples = self._sink.checkpoint(weights)
-        return {"updatestore_recorder": 1, "steps": steps, "samples": samples, "weights": weights}
+        steps, samples, owners = self._sink.checkpoint(weights)
+        return {"updatestore_recorder": 1, "steps": steps, "samples": samples, "owners": owners, "weights": weights}
 
     def _fingerprint(self) -> str | None:
         return None if self._model is None or not self._params else weights_fingerprint(self._model)
