@@ -275,13 +275,13 @@ def _crash_and_resume(tmp_path, seed, total=24):
         torch.testing.assert_close(p.detach(), init[n], rtol=0, atol=5e-6)
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed", range(1))
 def test_crash_and_resume_keeps_exactly_the_final_lineage(tmp_path, seed):
     _crash_and_resume(tmp_path, seed)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(2, 24))
+@pytest.mark.parametrize("seed", range(1, 24))
 def test_crash_and_resume_keeps_exactly_the_final_lineage_many_trials(tmp_path, seed):
     _crash_and_resume(tmp_path, seed)
 

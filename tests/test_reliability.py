@@ -110,11 +110,11 @@ def _check_store(path, committed):
         return n
 
 
-def test_sigkill_at_random_points_leaves_committed_steps_intact(tmp_path):
+def _sigkill_trials(tmp_path, trials):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     rng = random.Random(1234)
-    for trial in range(20):
+    for trial in range(trials):
         path = tmp_path / f"s{trial}.zarr"
         proc = subprocess.Popen([sys.executable, str(script), str(path), "new", "300"], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().startswith("ready")
@@ -131,6 +131,15 @@ def test_sigkill_at_random_points_leaves_committed_steps_intact(tmp_path):
                                   text=True, timeout=120)
             assert done.returncode == 0, done.stderr
             assert _check_store(path, n + 40) == n + 40
+
+
+def test_sigkill_at_random_points_leaves_committed_steps_intact(tmp_path):
+    _sigkill_trials(tmp_path, 4)  # the default run; the slow suite runs 20
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_leaves_committed_steps_intact_many_trials(tmp_path):
+    _sigkill_trials(tmp_path, 20)
 
 
 def test_reader_sees_only_committed_steps(store_path, tiny):
