@@ -3,11 +3,13 @@
 import copy
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +29,8 @@ def pristine(tmp_path_factory):
         train(store, model, steps=12, ids_fn=lambda s: np.arange(8) + 4 * (s % 4))
     with UpdateStore.open(root / "s.zarr") as store:
         expected = _observe(store, model)
-    files = sorted(str(p.relative_to(root / "s.zarr")) for p in (root / "s.zarr").rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(root / "s.zarr")) for p in (root / "s.zarr").rglob("*")
+                   if p.is_file() and p.name != "updatestore.lock")  # the writers' lock file holds no data
     return root / "s.zarr", model, expected, files
 
 
@@ -196,3 +199,25 @@ def test_symlinks_in_a_store_are_refused(tmp_path, kind):
     link.symlink_to(stores["b"], target_is_directory=True)
     with UpdateStore.open(link) as store:
         assert store.num_batches == 4
+
+
+@pytest.mark.parametrize("counts", [(2**40, 2**45), (10**6, 10**7), (20, 2**40)])
+def test_forged_commit_record_fails_fast_with_bounded_memory(tmp_path, counts):
+    """A commit record forged to huge counts (its CRC recomputed) is refused from the chunks present,
+    before any read sized by the counts (which would allocate up to 8 TiB)."""
+    import resource
+
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.1) as store:
+        train(store, model, steps=20)
+    n, m = counts
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    root["steps"].update_attributes({"num_steps": n, "num_samples": m,
+                                     "check": zlib.crc32(f"updatestore:{n}:{m}".encode())})
+    for path, count in (("steps/status", n), ("steps/sample_end", n), ("steps/row", n), ("samples/ids", m)):
+        root[path].resize((count,))  # shapes forged too (zarr.json): only metadata is written
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UpdateStoreError, match="committed|rows|holds"):
+        with UpdateStore.open(tmp_path / "s") as s:
+            s.batches_containing([3])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: < 200 MiB more

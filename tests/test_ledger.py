@@ -38,7 +38,22 @@ def test_ledger_entry_records_the_request(trained):
     assert entry["method"] == "partial amnesiac" and entry["purged"] is True
     assert entry["steps"] == [0, 3, 4, 8, 12] == report.steps_hit.tolist()
     assert entry["model_before"] == before and entry["model_after"] == weights_fingerprint(model)
-    assert entry["sample_id_sha256"] == hash_ids([2, 103]) and "time" in entry
+    assert entry["sample_id_hmac"] == hash_ids([2, 103], store.meta["ledger_key"]) and "time" in entry
+    assert "sample_id_sha256" not in entry
+
+
+def test_ledger_digests_are_keyed_so_small_id_spaces_cannot_be_enumerated(trained, store_path):
+    """Anyone holding the ledger alone could hash every small integer and read off who was forgotten
+    if the digests were plain SHA-256; under the store's secret they match no plain digest."""
+    store, model, _, _ = trained
+    unlearn.amnesiac(model, store, [2, 103])
+    ledger_json = (store_path / "ledger" / "zarr.json").read_text()
+    assert not any(h in ledger_json for h in hash_ids(range(1000)))  # the enumeration finds nothing
+    assert store.meta["ledger_key"] not in ledger_json
+    from updatestore import ids_in_ledger
+
+    found = ids_in_ledger(store.ledger(), np.array([2, 103, 5]), store.meta["ledger_key"])
+    assert found.tolist() == [True, True, False]  # with the key, an auditor can check given IDs
 
 
 def test_overlapping_requests_never_subtract_a_step_twice(trained):
@@ -165,3 +180,28 @@ def test_purge_leaves_none_of_the_forgotten_anywhere(tmp_path):
         assert report.purged and store.num_samples == 12
     assert _values_anywhere(tmp_path / "s", {forget_id, forget_owner}) == set()
     assert not list((tmp_path / "s").rglob("*.partial"))
+
+
+@pytest.mark.parametrize("damage", ["delete", "older copy"])
+def test_a_deleted_or_rolled_back_ledger_is_corruption_not_empty(trained, store_path, damage):
+    """Read as empty, a deleted ledger would let unpurged steps be subtracted from the model again."""
+    import shutil
+
+    from updatestore import CorruptStoreError
+
+    store, model, _, _ = trained
+    unlearn.amnesiac(model, store, [1], purge=False)
+    older = (store_path / "ledger" / "zarr.json").read_bytes()
+    unlearn.amnesiac(model, store, [7], purge=False)  # steps 1, 5, 9, 13: a second entry
+    store.close()
+    if damage == "delete":
+        shutil.rmtree(store_path / "ledger")
+    else:
+        (store_path / "ledger" / "zarr.json").write_bytes(older)  # a valid, checksummed, older ledger
+    before = _params(model)
+    with UpdateStore.open(store_path, "r+") as again:
+        with pytest.raises(CorruptStoreError, match=r"holds [01] entries but 2 were written"):
+            again.ledger()
+        with pytest.raises(CorruptStoreError):
+            unlearn.amnesiac(model, again, [7], purge=False)
+    assert all(torch.equal(p, before[n]) for n, p in _params(model).items())

@@ -217,3 +217,64 @@ def test_long_lived_reader_sees_another_process_purge(tmp_path):
     assert not report.applied and report.already_forgotten.tolist() == [0]  # it used to "subtract" zeros
     for (n, a), (_, b) in zip(stale.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from updatestore import UpdateStore
+    store = UpdateStore.open(sys.argv[1], "r+")
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    print("done", flush=True)
+""")
+
+
+def _holder(tmp_path, store_path, seconds):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(store_path), str(seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding", proc.stderr.read()
+    return proc
+
+
+def test_lock_is_an_os_lock_not_a_pid_guess(tmp_path, store_path, tiny):
+    """A live writer whose recorded pid means nothing here (another PID namespace: the pid is dead or
+    someone else's) still holds the store; when it is SIGKILLed the kernel frees the lock at once."""
+    UpdateStore.create(store_path, tiny).close()
+    proc = _holder(tmp_path, store_path, 60)
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (store_path / "updatestore.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "x", "since": 0}))
+        with pytest.raises(StoreLockedError, match="open for writing"):
+            UpdateStore.open(store_path, "r+")
+        for url in (f"local://{store_path}", f"file://{store_path}"):  # every local spelling takes the lock
+            with pytest.raises(StoreLockedError):
+                UpdateStore.open(url, "r+")
+    finally:
+        proc.kill()
+        proc.wait()
+    UpdateStore.open(store_path, "r+").close()  # no stale lock to clean up after a SIGKILL
+
+
+@pytest.mark.slow
+def test_many_writers_racing_for_a_released_lock_only_one_wins(tmp_path, store_path, tiny):
+    UpdateStore.create(store_path, tiny).close()
+    racer = tmp_path / "racer.py"
+    racer.write_text(textwrap.dedent("""
+        import sys, time
+        from updatestore import StoreLockedError, UpdateStore
+        time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together
+        try:
+            store = UpdateStore.open(sys.argv[1], "r+")
+        except StoreLockedError:
+            print("refused", flush=True)
+        else:
+            print("got", flush=True)
+            time.sleep(3)
+    """))
+    start = time.time() + 4
+    procs = [subprocess.Popen([sys.executable, str(racer), str(store_path), str(start)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outs) == ["got", "refused", "refused", "refused"], outs

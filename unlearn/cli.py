@@ -108,7 +108,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"; {e.get('event')} at step {e.get('step')}" + (f" (from {e.get('from_step')})" if 'from_step' in e else "")
             for e in info["history"][-5:]),
         f"audit ledger: {len(info['ledger'])} unlearning(s); {info['steps_purged']} step(s) purged",
-        *[f"  [{i}] {e.get('time')} {e.get('method')}: {len(e.get('sample_id_sha256', []))} samples, "
+        *[f"  [{i}] {e.get('time')} {e.get('method')}: {len(e.get('sample_id_hmac', e.get('sample_id_sha256', [])))} samples, "
           f"{len(e.get('steps', []))} steps, model {str(e.get('model_before'))[:12]} -> "
           f"{str(e.get('model_after'))[:12]}{', purged' if e.get('purged') else ''}"
           for i, e in enumerate(info["ledger"])],
@@ -126,7 +126,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         total = store.num_batches
         # A purged ID is a tombstone in the index: the ledger's hashed IDs tell it from one never recorded.
         purged = np.zeros(ids.size, bool)
-        purged[~found] = ids_in_ledger(store.ledger(), ids[~found]) if (~found).any() else []
+        purged[~found] = (ids_in_ledger(store.ledger(), ids[~found], store.meta.get("ledger_key"))
+                          if (~found).any() else [])
     unknown = ~found & ~purged
     out = {"samples": ids.tolist(), "unknown": ids[unknown].tolist(), "forgotten_and_purged": ids[purged].tolist(),
            "steps": steps.tolist(), "steps_total": total, "other_samples_in_those_steps": int(others.size)}

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from updatestore import (PURGED_ID, STATUS_NONFINITE, STATUS_NOT_STORED, STATUS_PURGED, STATUS_RECORDED,
-                         STATUS_SKIPPED, ConfigError, ReadOnlyStoreError, UpdateStore, as_sample_ids, hash_ids,
+                         STATUS_SKIPPED, ConfigError, ReadOnlyStoreError, UpdateStore, as_sample_ids,
                          ids_in_ledger, subtracted_in_lineage, weights_fingerprint)
-from updatestore.ledger import lineage_entries, now
+from updatestore.ledger import ledger_ids, lineage_entries, now
 
 from .errors import UnknownModelError
 
@@ -80,7 +80,7 @@ def resolve(model: torch.nn.Module, store: UpdateStore, sample_ids: Any, owners:
         ids = np.union1d(ids, store.samples_of(owners))
     entries = store.ledger()
     found = store.contains(ids) if ids.size else np.zeros(0, dtype=bool)
-    forgotten = ~found & ids_in_ledger(entries, ids) if ids.size else np.zeros(0, dtype=bool)
+    forgotten = ~found & ids_in_ledger(entries, ids, store.meta.get("ledger_key")) if ids.size else np.zeros(0, dtype=bool)
     unknown = ids[~found & ~forgotten]
     if unknown.size:
         warnings.warn(f"{unknown.size} of {ids.size} sample IDs were never recorded in {store.path}: "
@@ -106,7 +106,7 @@ def log(store: UpdateStore, request: Request, model_after: str, *, method: str, 
     """Append the ledger entry of an applied unlearning (``purged: False`` until :func:`purge`);
     ``model_after`` is the fingerprint of the unlearned weights."""
     return store.log_unlearning({
-        "time": now(), "method": method, "sample_id_sha256": hash_ids(request.ids[request.found]),
+        "time": now(), "method": method, **ledger_ids(request.ids[request.found], store.meta.get("ledger_key")),
         "steps": request.hit.tolist(), "model_before": request.fingerprint,
         "model_after": model_after, "kept_per_step": kept, "purged": False,
     })

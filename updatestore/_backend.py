@@ -88,15 +88,19 @@ def resolve(path: PathLike, *, read_only: bool,
     if isinstance(path, zarr.abc.store.Store):
         return path, repr(path)
     text = str(os.fspath(path))
-    if "://" in text and not text.startswith("file://"):
+    if "://" in text and not text.startswith(LOCAL_SCHEMES):
         try:
             store = FsspecStore.from_url(text, storage_options=storage_options, read_only=read_only)
         except ImportError as exc:
             raise ConfigError(f"{text}: this URL needs fsspec and its backend ({exc}); e.g. pip install s3fs") from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{text} is not a URL zarr can open: {exc}") from None
+        if _is_local_fs(store):  # any fsspec local filesystem: the local store, with its lock and checks
+            return LocalStore(store.path, read_only=read_only), text
         return store, text
-    p = Path(text.removeprefix("file://"))
+    for scheme in LOCAL_SCHEMES:
+        text = text.removeprefix(scheme)
+    p = Path(text)
     if p.suffix == ".zip":
         if not read_only:
             raise ConfigError(f"{p}: zip stores are read-only here (a zip cannot replace the commit record in "
@@ -105,6 +109,20 @@ def resolve(path: PathLike, *, read_only: bool,
             raise StoreNotFoundError(f"no update store at {p}: the file does not exist")
         return ZipStore(p, mode="r"), str(p)
     return LocalStore(p, read_only=read_only), str(p)
+
+
+#: URL schemes that name a local path: opened as zarr's LocalStore (lock, symlink checks, fsync).
+LOCAL_SCHEMES = ("file://", "local://")
+
+
+def _is_local_fs(store: FsspecStore) -> bool:
+    try:
+        from fsspec.implementations.local import LocalFileSystem
+    except ImportError:  # pragma: no cover
+        return False
+    fs = getattr(store, "fs", None)
+    fs = getattr(fs, "sync_fs", fs)  # zarr wraps a synchronous filesystem in AsyncFileSystemWrapper
+    return isinstance(fs, LocalFileSystem)
 
 
 def local_root(store: zarr.abc.store.Store) -> Path | None:

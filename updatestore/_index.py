@@ -8,7 +8,7 @@ import numpy as np
 
 import zarr
 
-from ._format import INDEX_RECORD, STATUS_NONFINITE, missing_chunks
+from ._format import INDEX_RECORD, STATUS_NONFINITE, count_chunks, missing_chunks
 from ._format import paths
 from .errors import CorruptStoreError, SampleIdError, StepError
 
@@ -187,6 +187,8 @@ class StepTable:
         if self.index is not None and self.index.num_steps == n and self.status is not None:
             return self.index, self.status
         root = self._root
+        # Chunks first: counts come from the store, and a forged one must fail before it sizes a read.
+        self._check_chunks(n, m)
         try:
             ends = root[paths.SAMPLE_END][:n] if n else np.zeros(0, np.int64)
             ids = root[paths.SAMPLE_IDS][:m] if m else np.zeros(0, np.int64)
@@ -195,7 +197,6 @@ class StepTable:
         except Exception as exc:  # checksum or codec failure in the step table
             raise CorruptStoreError(f"store {self._where}: the step table or sample index cannot be read: "
                                     f"{exc}") from exc
-        self._check_chunks(n, m)
         if n and (ends[-1] != m or (np.diff(ends, prepend=0) < 0).any()):
             raise CorruptStoreError(f"store {self._where}: step table does not match {m} indexed samples")
         if (status > STATUS_NONFINITE).any():
@@ -216,6 +217,11 @@ class StepTable:
         for path, count in needed:
             arr = self._root[path]
             chunks = -(-count // arr.chunks[0])
+            present = count_chunks(arr)  # one listing: bounds the work by what is on disk
+            if chunks > present + 64:  # far more than exists: forged counts; fail before sizing anything
+                raise CorruptStoreError(
+                    f"store {self._where}: {count} elements of {path} are committed, which needs {chunks} chunk(s), "
+                    f"but only {present} exist (a forged commit record or deleted chunks); restore from a backup")
             lost = missing_chunks(arr, [(i,) for i in range(chunks)])
             if lost:
                 a, b = lost[0][0] * arr.chunks[0], min(count, (lost[0][0] + 1) * arr.chunks[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 import zarr
 
-from ._format import LEDGER
+from ._format import LEDGER, LEDGER_COUNT
 from ._params import canonical_name
-from .errors import NotAStoreError
+from .errors import CorruptStoreError, NotAStoreError
 
-__all__ = ["weights_fingerprint", "hash_ids", "lineage_entries", "subtracted_in_lineage", "ids_in_ledger", "now",
+__all__ = ["weights_fingerprint", "hash_ids", "ledger_ids", "KEYED_FIELD", "UNKEYED_FIELD", "lineage_entries", "subtracted_in_lineage", "ids_in_ledger", "now",
            "read_entries", "append_entry", "update_entry"]
 
 
@@ -42,9 +43,27 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def hash_ids(ids: Iterable[int]) -> list[str]:
-    """Short SHA-256 digests of sample IDs, as the ledger stores them."""
-    return [hashlib.sha256(f"updatestore-id:{int(i)}".encode()).hexdigest()[:32] for i in ids]
+#: Ledger field of keyed digests (stores since 0.2) and of the unkeyed ones (older stores).
+KEYED_FIELD, UNKEYED_FIELD = "sample_id_hmac", "sample_id_sha256"
+
+
+def hash_ids(ids: Iterable[int], key: str | None = None) -> list[str]:
+    """Short digests of sample IDs, as the ledger stores them: HMAC-SHA-256 under the store's
+    ``ledger_key`` (``store.meta["ledger_key"]``, since 0.2), or plain SHA-256 without a key
+    (stores from 0.1, whose ledgers an enumeration of small ID spaces can read).
+
+    >>> hash_ids([7])[0] != hash_ids([7], key="00" * 32)[0]
+    True
+    """
+    if key is None:
+        return [hashlib.sha256(f"updatestore-id:{int(i)}".encode()).hexdigest()[:32] for i in ids]
+    secret = bytes.fromhex(key)
+    return [hmac.new(secret, f"updatestore-id:{int(i)}".encode(), hashlib.sha256).hexdigest()[:32] for i in ids]
+
+
+def ledger_ids(ids: Iterable[int], key: str | None) -> dict[str, list[str]]:
+    """The ledger entry's field of digests for ``ids``: keyed when the store has a key."""
+    return {KEYED_FIELD if key else UNKEYED_FIELD: hash_ids(ids, key)}
 
 
 def now() -> str:
@@ -85,15 +104,31 @@ def subtracted_in_lineage(entries: list[dict[str, Any]], fingerprint: str) -> se
     return steps
 
 
-def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
-    """Mask over ``ids``: which appear in some ledger entry."""
-    known = {h for e in entries for h in e.get("sample_id_sha256", [])}
-    return np.array([h in known for h in hash_ids(ids)], dtype=bool)
+def ids_in_ledger(entries: list[dict[str, Any]], ids: np.ndarray, key: str | None = None) -> np.ndarray:
+    """Mask over ``ids``: which appear in some ledger entry (``key``: the store's ``ledger_key``)."""
+    plain = {h for e in entries for h in e.get(UNKEYED_FIELD, [])}
+    keyed = {h for e in entries for h in e.get(KEYED_FIELD, [])}
+    ids = list(ids)
+    found = np.array([h in plain for h in hash_ids(ids)], dtype=bool)
+    if key and keyed:
+        found |= np.array([h in keyed for h in hash_ids(ids, key)], dtype=bool)
+    return found
 
 
 def read_entries(root: zarr.Group, where: str) -> list[dict[str, Any]]:
-    """The ledger's entries (empty when nothing was unlearned yet)."""
-    return LEDGER.read_list(root, NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged"))
+    """The ledger's entries (empty when nothing was unlearned yet).
+
+    Stores written since 0.2 count the entries beside the commit record; a ledger holding
+    fewer (deleted, or replaced by an older copy) is corruption: read as empty, it would let
+    the same steps be subtracted again.
+    """
+    entries = LEDGER.read_list(root, NotAStoreError(f"{where}: the audit ledger (ledger/zarr.json) is damaged"))
+    written = LEDGER_COUNT.read(root)
+    if written is not None and len(entries) < written[0]:
+        raise CorruptStoreError(
+            f"{where}: the audit ledger holds {len(entries)} entries but {written[0]} were written (ledger/zarr.json "
+            "was deleted or replaced by an older copy); restore it from a backup before unlearning again")
+    return entries
 
 
 def append_entry(root: zarr.Group, where: str, entry: dict[str, Any]) -> int:
@@ -101,6 +136,8 @@ def append_entry(root: zarr.Group, where: str, entry: dict[str, Any]) -> int:
     entries = read_entries(root, where)
     entries.append(dict(entry))
     LEDGER.write(root, entries)  # one atomic write of the whole ledger
+    # Then the count (a crash between leaves the ledger one ahead of it, which reads fine).
+    LEDGER_COUNT.write(root, len(entries))
     return len(entries) - 1
 
 

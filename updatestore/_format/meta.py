@@ -6,6 +6,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -128,6 +129,9 @@ def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprin
         "block_steps": block,
         "model_fingerprint": fingerprint,
         "layers": [s.to_json() for s in specs],
+        # The ledger hashes sample IDs under this per-store secret (HMAC), so a ledger handed to an
+        # auditor alone cannot be enumerated over small ID spaces (FORMAT.md, "Audit ledger").
+        "ledger_key": secrets.token_hex(32),
     }
 
 

@@ -19,7 +19,7 @@ import zarr
 
 from ..errors import NotAStoreError
 
-__all__ = ["CountRecord", "JsonRecord", "COUNTS", "GENERATION", "bump_generation", "read_state", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LINEAGE", "META",
+__all__ = ["CountRecord", "JsonRecord", "COUNTS", "GENERATION", "bump_generation", "read_state", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LEDGER_COUNT", "LINEAGE", "META",
            "sha256_json", "read_counts"]
 
 
@@ -108,6 +108,9 @@ OWNER_COUNT = CountRecord("owners", "owners", ("count",))
 INDEX_RECORD = CountRecord("index", "index", ("steps", "samples"))
 #: The audit ledger's entries.
 LEDGER = JsonRecord("ledger", "entries", "check")
+#: How many ledger entries were written (since 0.2), kept beside the commit record: a deleted or
+#: replaced-by-older ledger then reads as corruption, not as "nothing was unlearned yet".
+LEDGER_COUNT = CountRecord("steps", "ledger", ("ledger_entries",), check_key="ledger_check")
 #: The lineage: where the recorded model's weights were at checkpoints and closes, and rollbacks.
 LINEAGE = JsonRecord("lineage", "events", "check")
 #: The store's self-description in the root group.

@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, has_row_map, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "count_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -102,6 +102,19 @@ def erase_beyond(root: zarr.Group, specs: list[LayerSpec] | tuple[LayerSpec, ...
         vectors.append((paths.ROWS, n))
     for path, count in vectors:
         truncate(root[path], count)
+
+
+def count_chunks(arr: zarr.Array) -> int:
+    """How many chunk objects (shards, for a sharded array) the array has in the store: one listing."""
+    from zarr.core.sync import sync
+
+    first = arr.metadata.encode_chunk_key((0,) * arr.ndim)  # "c/0" with the default v3 encoding
+    prefix = f"{arr.path}/{first.rpartition('/')[0]}/" if "/" in first else f"{arr.path}/"
+
+    async def count() -> int:
+        return sum([1 async for _ in arr.store.list_prefix(prefix)])
+
+    return sync(count())
 
 
 def missing_chunks(arr: zarr.Array, coords: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
