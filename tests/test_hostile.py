@@ -221,3 +221,22 @@ def test_forged_commit_record_fails_fast_with_bounded_memory(tmp_path, counts):
         with UpdateStore.open(tmp_path / "s") as s:
             s.batches_containing([3])
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: < 200 MiB more
+
+
+def test_finite_absurd_values_are_refused_as_a_forged_store(tmp_path):
+    """A value of 3e38 written through zarr (so every checksum is valid) is refused before the model
+    changes; max_update=None is the explicit override."""
+    model = make_tiny()
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5, value_dtype="float32") as store:
+        train(store, model, steps=4)
+    arr = zarr.open_group(str(tmp_path / "s"), mode="r+")["layers/fc1.weight/values"]
+    row = arr[0]
+    row[0] = 3e38
+    arr[0] = row
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with UpdateStore.open(tmp_path / "s", "r+") as store:
+        with pytest.raises(CorruptStoreError, match="max_update"):
+            unlearn.amnesiac(model, store, [0], ledger=False, purge=False)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        unlearn.amnesiac(model, store, [0], ledger=False, purge=False, max_update=None, allow_unknown_model=True)
+    assert model.fc1.weight.abs().max() > 1e37

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import ConfigError, LayerSpec, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
+from updatestore import ConfigError, CorruptStoreError, LayerSpec, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
 
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
@@ -88,10 +88,21 @@ def _counts_for(store: UpdateStore, pairs: Pairs, keep: Any, clip: bool = False)
     return out
 
 
-def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """θ − Δ per layer, in the parameter's dtype and device, refused if not finite."""
+def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
+                max_update: float | None = None) -> list[torch.Tensor | None]:
+    """θ − Δ per layer, in the parameter's dtype and device, refused if not finite or (``max_update``)
+    if some |Δ| exceeds ``max_update × (max|θ| + 1)`` of its layer: no training run moves a weight that
+    far, a forged or damaged store can (finite values up to 3e38 pass every checksum one recomputes)."""
     out: list[torch.Tensor | None] = []
     for (spec, p), delta in zip(pairs, deltas):
+        if max_update is not None and delta.numel():
+            bound = max_update * (float(p.detach().abs().max()) + 1.0)
+            biggest = float(delta.abs().max())
+            if biggest > bound:
+                raise CorruptStoreError(
+                    f"unlearning layer {spec.name!r} of store {store.path} would change a weight by {biggest:.3g}, "
+                    f"more than max_update={max_update:g} × (max|θ| + 1) = {bound:.3g}: the store is probably forged "
+                    "or damaged; nothing was applied (pass max_update=None to apply it anyway)")
         new = p.detach() - delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
         if not torch.isfinite(new).all():
             raise NonFiniteUpdateError(
@@ -125,7 +136,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
              keep: float | Mapping[str, float] | Auto | None = None, device: str | torch.device | None = None,
              dry_run: bool = False, block_steps: int = 16, progress: bool = False, ledger: bool = True,
              purge: bool = True, defer: bool = False, allow_unknown_model: bool = False,
-             **legacy: Any) -> UnlearnReport:
+             max_update: float | None = 1e3, **legacy: Any) -> UnlearnReport:
     """Forget ``sample_ids`` (and every sample of ``owners``) by subtracting the stored updates
     of every step that used them: θ' = θ − Σ_b Δθ_b, with Δθ_b as stored (all of it at
     keep = 1, the layer-wise top-k otherwise).
@@ -144,7 +155,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     ``ledger``/``purge`` say). A crash before the commit leaves the store as it was: the
     same request on the original weights gives the same result. A model whose
     weights the store never saw (not at a checkpoint, not at the end of recording, not as an
-    unlearning's result) is refused unless ``allow_unknown_model=True``.
+    unlearning's result) is refused unless ``allow_unknown_model=True``. A layer whose summed update
+    exceeds ``max_update`` × (its largest |weight| + 1) is refused as a forged or damaged store
+    (``max_update=None`` turns the check off).
 
     ``keep`` chooses the pruning at deletion time: only the top-k' of each stored row
     (k' = ceil(keep × numel) ≤ the recorded k; a float or ``{pattern: ratio}``), or
@@ -169,6 +182,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     for name, flag in (("ledger", ledger), ("purge", purge), ("defer", defer), ("dry_run", dry_run)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}")
+    if max_update is not None and (isinstance(max_update, bool) or not isinstance(max_update, (int, float))
+                                   or not max_update > 0):
+        raise ConfigError(f"max_update must be a positive number or None, got {max_update!r}")
     if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1:
         raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block), got {block_steps!r}")
     pairs = store.check_model(model)
@@ -181,7 +197,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     read0 = store.bytes_read
     chosen, table, applied = ks[0], [], False
     if not dry_run and req.hit.size:
-        news = [_new_values(store, pairs, sums) for sums in _accumulate(store, pairs, req.hit, dev, block_steps,
+        news = [_new_values(store, pairs, sums, max_update) for sums in _accumulate(store, pairs, req.hit, dev, block_steps,
                                                                          progress, ks)]
         best = 0
         if isinstance(keep, Auto):
