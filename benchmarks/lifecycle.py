@@ -65,6 +65,38 @@ def _run(make, data, tmp: Path, window, *, steps: int, batch: int, lr: float, ch
     return out
 
 
+def _purge_fsync_cost(tmp: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of one unlearning with ledger and purge (5 samples, digits CNN) with the store
+    opened ``fsync=False`` and ``fsync=True`` (each on a fresh copy of the same store)."""
+    import shutil
+
+    import unlearn
+
+    data = load_digits().train
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    src = tmp / "purge-src"
+    with UpdateStore.create(src, model, keep=0.1) as store, store.recorder(model, opt) as rec:
+        for x, y, ids in DataLoader(data, batch_size=32):
+            with rec.batch(ids):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    forget = data.tensors[2][:5].tolist()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats):
+        for fsync in (False, True):
+            work = tmp / f"purge-{i}-{fsync}"
+            shutil.copytree(src, work)
+            m = DigitsCNN()
+            m.load_state_dict(model.state_dict())
+            with UpdateStore.open(work, "r+", fsync=fsync) as store:
+                t0 = time.perf_counter()
+                unlearn.amnesiac(m, store, forget, device="cpu")
+                times[fsync].append(time.perf_counter() - t0)
+    return {"off_s": statistics.median(times[False]), "on_s": statistics.median(times[True])}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser("lifecycle", __doc__, "fewer steps and repeats (≤ 2 minutes on 2 CPU cores)").parse_args(argv)
     q = args.quick
@@ -91,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                              "written_mib": statistics.median(r["written"] for r in runs) / 2**20,
                              "stored_mib": runs[0]["stored"] / 2**20})
             rows[-1]["checkpoint_ms"] = 1000 * ck["checkpoint_s"] / 4
+        purge = _purge_fsync_cost(tmp, repeats)
     md = (f"# Lifecycle ({'quick' if q else 'full'} run)\n\nCommand: `python -m benchmarks.lifecycle"
           f"{' --quick' if q else ''}`; machine: {machine()}; keep 0.1 bfloat16; medians of {repeats}.\n\n"
           + md_table(["model", "steps", "commit", "throughput vs no store", "write amplification", "written",
@@ -98,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                      [[r["model"], r["steps"], r["commit"], f"{r['throughput']:.2f}x", f"{r['amplification']:.2f}",
                        f"{r['written_mib']:.1f} MiB", f"{r['stored_mib']:.1f} MiB"] for r in rows])
           + "\nCheckpoint (`rec.state_dict()`: flush + weights fingerprint), mean per call: "
-          + ", ".join(f"{r['model']}: {r['checkpoint_ms']:.0f} ms" for r in rows if "checkpoint_ms" in r) + "\n")
+          + ", ".join(f"{r['model']}: {r['checkpoint_ms']:.0f} ms" for r in rows if "checkpoint_ms" in r) + "\n"
+          + f"\nUnlearning 5 samples with ledger entry and purge (digits CNN, 1 epoch): {purge['off_s']:.3f} s with "
+            f"the store opened fsync=False, {purge['on_s']:.3f} s with fsync=True (every record fsynced after "
+            "what it vouches for).\n")
     print(md)
-    write_results("lifecycle", {"machine": machine(), "quick": q, "rows": rows}, md, args.out)
+    write_results("lifecycle", {"machine": machine(), "quick": q, "rows": rows, "purge_fsync": purge}, md, args.out)
     return 0
 
 

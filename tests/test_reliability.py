@@ -195,6 +195,40 @@ def test_fsync_makes_data_durable_before_the_commit_record(tmp_path, monkeypatch
     assert synced == []
 
 
+def test_store_level_fsync_covers_purge_ledger_and_rollback(tmp_path, monkeypatch):
+    """UpdateStore.open(..., fsync=True): every record write (ledger, ledger count, purge's generation,
+    rollback's commit record) comes after the fsync of what it vouches for."""
+    import os
+
+    import torch
+
+    import unlearn
+    from conftest import make_tiny
+
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5) as store, store.recorder(model, opt) as rec:
+        for s in range(4):
+            with rec.batch([s]):
+                opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    with UpdateStore.open(tmp_path / "s", "r+") as store:  # default: no fsync at all
+        unlearn.amnesiac(model, store, [0])
+    assert synced == []
+    with UpdateStore.open(tmp_path / "s", "r+", fsync=True) as store:
+        unlearn.amnesiac(model, store, [1])
+    root = tmp_path / "s"
+    ledger, record = str(root / "ledger" / "zarr.json"), str(root / "steps" / "zarr.json")
+    chunk = str(root / "layers" / "fc1.weight" / "values" / "c" / "0" / "0")  # rewritten by the purge
+    assert ledger in synced and record in synced and chunk in synced
+    assert synced.index(ledger) < len(synced) - 1 - synced[::-1].index(record)  # ledger before its count
+    assert synced.index(chunk) < len(synced) - 1 - synced[::-1].index(record)  # rows before the generation
+    with pytest.raises(Exception, match="fsync must be True or False"):
+        UpdateStore.open(tmp_path / "s", "r+", fsync="yes")
+
+
 def test_long_lived_reader_sees_another_process_purge(tmp_path):
     """A reader opened before a purge never reports a subtraction that did not happen: the purge
     bumps the store's generation and the reader reloads the step statuses."""

@@ -16,9 +16,12 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
 from ._lock import WriterLock
 from .errors import ConfigError, NotAStoreError, StoreExistsError, StoreNotFoundError
 
-__all__ = ["PathLike", "CountingStore", "fsync_written", "resolve", "local_root", "take_lock", "prepare_new", "check_exists", "open_root", "refuse_symlinks"]
+__all__ = ["PathLike", "CountingStore", "RECORD_KEYS", "set_durable", "fsync_written", "resolve", "local_root", "take_lock", "prepare_new", "check_exists", "open_root", "refuse_symlinks"]
 
 PathLike = str | os.PathLike | zarr.abc.store.Store
+
+#: The records (group attributes) that vouch for data: the commit points of every write path.
+RECORD_KEYS = frozenset(f"{g}/zarr.json" for g in ("steps", "owners", "index", "ledger", "lineage"))
 
 
 class CountingStore(WrapperStore):
@@ -32,8 +35,20 @@ class CountingStore(WrapperStore):
 
     async def set(self, key, value):  # type: ignore[no-untyped-def]
         self.bytes_written += len(value)
+        # With durability on, every record write is a commit: what it vouches for is fsynced
+        # first, then the record itself (purge, ledger, rollback, owners, index alike).
+        record = self.unsynced is not None and key in RECORD_KEYS
+        if record:
+            fsync_written(self)
         await self._store.set(key, value)
         if self.unsynced is not None:
+            self.unsynced.add(key)
+        if record:
+            fsync_written(self)
+
+    async def delete(self, key):  # type: ignore[no-untyped-def]
+        await self._store.delete(key)
+        if self.unsynced is not None:  # the directory entry's removal must be made durable too
             self.unsynced.add(key)
 
     async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def]
@@ -46,6 +61,13 @@ class CountingStore(WrapperStore):
         bufs = await self._store.get_partial_values(prototype, key_ranges)
         self.bytes_read += sum(len(b) for b in bufs if b is not None)
         return bufs
+
+
+def set_durable(store: CountingStore, fsync: Any) -> None:
+    """Turn durability on (``fsync=True``) for everything written through ``store``: see ``CountingStore.set``."""
+    if not isinstance(fsync, bool):
+        raise ConfigError(f"fsync must be True or False, got {fsync!r}")
+    store.unsynced = set() if fsync else None
 
 
 def fsync_written(store: zarr.abc.store.Store) -> None:

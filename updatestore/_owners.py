@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import OWNER_COUNT, PURGED_ID, paths
+from ._format import OWNER_COUNT, PURGED_ID, count_chunks, dense_array, missing_chunks, paths
 from ._index import as_sample_ids
-from .errors import CorruptStoreError, NotAStoreError, SampleIdError
+from .errors import CorruptStoreError, SampleIdError
 
 __all__ = ["OwnerTable"]
 
@@ -17,18 +17,30 @@ __all__ = ["OwnerTable"]
 class OwnerTable:
     """Append ``(sample, owner)`` pairs; look up an owner's samples (sorted by key, cached)."""
 
-    def __init__(self, root: zarr.Group, where: str) -> None:
+    def __init__(self, root: zarr.Group, where: str, *, strict: bool = False) -> None:
         self._root = root
         self._where = where
+        self._strict = strict  # every chunk is written, zeros included (stores since 0.2): check presence
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         self._sorted_count = -1  # the committed count the cache was built at (a rollback lowers it)
 
     def count(self) -> int:
         record = OWNER_COUNT.read(self._root)
         if record is None:
-            raise NotAStoreError(f"{self._where}: invalid owner index record "
-                                 f"{dict(self._root[paths.OWNERS].attrs)!r}")
+            raise CorruptStoreError(f"{self._where}: the owner table's record (owners/zarr.json) is missing or "
+                                    "damaged; restore it from a backup")
         return record[0]
+
+    def _check_chunks(self, n: int) -> None:
+        for path in (paths.OWNER_SAMPLES, paths.OWNER_KEYS):
+            arr = self._root[path]
+            chunks = -(-n // arr.chunks[0])
+            if chunks > count_chunks(arr) + 64:  # forged count: fail before sizing a read by it
+                raise CorruptStoreError(f"{self._where}: the owner table claims {n} entries; {path} holds far fewer")
+            lost = missing_chunks(arr, [(i,) for i in range(chunks)]) if self._strict else []
+            if lost:
+                raise CorruptStoreError(f"{self._where}: {path} is missing chunk(s) {[c[0] for c in lost]} of the "
+                                        f"{n} owner entries; restore them from a backup")
 
     def append(self, sample_ids: Any, owners: Any) -> None:
         ids = as_sample_ids(sample_ids)
@@ -37,7 +49,7 @@ class OwnerTable:
             raise SampleIdError(f"index_owners needs one owner per sample: got {len(ids)} IDs and {len(keys)} owners")
         n = self.count()
         for path, values in ((paths.OWNER_SAMPLES, ids), (paths.OWNER_KEYS, keys)):
-            arr = self._root[path]
+            arr = dense_array(self._root, path)
             if arr.shape[0] < n + len(ids):
                 arr.resize((n + len(ids),))
             arr[n:n + len(ids)] = values
@@ -47,6 +59,7 @@ class OwnerTable:
     def _table(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.count()
         if self._sorted is None or self._sorted_count != n:
+            self._check_chunks(n)
             try:
                 sids = self._root[paths.OWNER_SAMPLES][:n] if n else np.zeros(0, np.int64)
                 keys = self._root[paths.OWNER_KEYS][:n] if n else np.zeros(0, np.int64)
@@ -71,11 +84,12 @@ class OwnerTable:
         (an owner whose samples are all forgotten leaves no key behind)."""
         n = self.count()
         if n:
+            self._check_chunks(n)  # a deleted chunk would read as zeros and be written back as zeros
             own = self._root[paths.OWNER_SAMPLES][:n]
             mask = np.isin(own, ids)
             if mask.any():
                 for path in (paths.OWNER_SAMPLES, paths.OWNER_KEYS):
-                    arr = self._root[path]
+                    arr = dense_array(self._root, path)
                     values = own if path == paths.OWNER_SAMPLES else arr[:n]
                     values[mask] = PURGED_ID
                     arr[:n] = values

@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import MemoryStore  # noqa: F401 - used by the docstring example
 
 from . import __version__, ledger as _ledger
-from ._backend import CountingStore, PathLike, check_exists, open_root, prepare_new, resolve, take_lock
+from ._backend import CountingStore, PathLike, check_exists, set_durable, open_root, prepare_new, resolve, take_lock
 from ._format import LayerSpec, check_store, committed_rows, has_row_map, create_tree, plan_store, read_state
 from ._index import SampleIndex, StepTable, as_sample_ids, as_steps
 from ._lineage import read_events
@@ -40,7 +39,7 @@ class UpdateStore:
 
     >>> import torch
     >>> model = torch.nn.Linear(4, 2)
-    >>> with UpdateStore.create(MemoryStore(), model, keep=0.5) as store:
+    >>> with UpdateStore.create(zarr.storage.MemoryStore(), model, keep=0.5) as store:
     ...     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ...     with store.recorder(model, opt) as rec:
     ...         with rec.batch([10, 11]):
@@ -49,14 +48,15 @@ class UpdateStore:
     [0]
     """
 
-    def __init__(self, root: zarr.Group, where: str, mode: str) -> None:
+    def __init__(self, root: zarr.Group, where: str, mode: str, fsync: bool = False) -> None:
         self._root, self._where, self._mode = root, where, mode
         self._counter: CountingStore = root.store  # type: ignore[assignment]
+        set_durable(self._counter, fsync)
         self._meta, specs, self._steps, self._samples = check_store(root, where)
         self._specs: tuple[LayerSpec, ...] = tuple(specs)
         self._row_map = has_row_map(self._meta)  # format 2: steps/row maps steps to layer rows
         self._table = StepTable(root, where, strict=self._meta.get("chunks_always_written") is True, row_map=self._row_map)
-        self._owners = OwnerTable(root, where)
+        self._owners = OwnerTable(root, where, strict=self._meta.get("chunks_always_written") is True)
         self._reader = Reader(root, self._specs, self._meta, where)
         self._writer: BlockWriter | None = None
         self._sink: WriterSink | None = None
@@ -66,7 +66,7 @@ class UpdateStore:
     @classmethod
     def create(cls, path: PathLike, model: torch.nn.Module, *, keep: float | Mapping[str, float] = 0.1,
                value_dtype: str = "bfloat16", positions: str = "auto", buffer_bytes: int = 64 * 2**20,
-               clevel: int = 5, overwrite: bool = False,
+               clevel: int = 5, overwrite: bool = False, fsync: bool = False,
                storage_options: dict[str, Any] | None = None) -> "UpdateStore":
         """A new, empty store for ``model``'s trainable parameters, opened ``"r+"``.
 
@@ -81,21 +81,23 @@ class UpdateStore:
         store, where = resolve(path, read_only=False, storage_options=storage_options)
         root = open_root(store, where, "w" if prepare_new(store, where, overwrite) else "w-")
         create_tree(root, specs, block, config, meta)
-        return cls(root, where, "r+")
+        return cls(root, where, "r+", fsync)
 
     @classmethod
-    def open(cls, path: PathLike, mode: str = "r", *, storage_options: dict[str, Any] | None = None) -> "UpdateStore":
+    def open(cls, path: PathLike, mode: str = "r", *, storage_options: dict[str, Any] | None = None,
+             fsync: bool = False) -> "UpdateStore":
         """Open an existing store: ``"r"`` to read and unlearn, ``"r+"`` to append.
 
         ``path`` is a directory, a ``.zip`` of one (read-only), any URL zarr's
         fsspec store opens (``s3://bucket/run.zarr``, ``memory://run``, with
-        ``storage_options`` for credentials and endpoints), or a Zarr ``Store``.
+        ``storage_options`` for credentials and endpoints), or a Zarr ``Store``. ``fsync=True``: every
+        record written (commit, purge, ledger, rollback, owners, index) is fsynced after what it vouches for.
         """
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
         store, where = resolve(path, read_only=mode == "r", storage_options=storage_options)
         check_exists(store, where)
-        return cls(open_root(store, where, mode), where, mode)
+        return cls(open_root(store, where, mode), where, mode, fsync)
 
     def __enter__(self) -> "UpdateStore":  # noqa: D105
         return self
@@ -135,11 +137,9 @@ class UpdateStore:
         return self._steps, self._samples
 
     def _require_writable(self, what: str) -> None:
-        if self._mode != "r+":
-            raise ReadOnlyStoreError(f"cannot {what}: store {self._where} is open read-only; "
-                                     "open it with UpdateStore.open(path, 'r+')")
-        if self._closed:
-            raise ReadOnlyStoreError(f"cannot {what}: store {self._where} is closed; open it again")
+        if self._mode != "r+" or self._closed:
+            raise ReadOnlyStoreError(f"cannot {what}: store {self._where} is " + ("closed; open it again" if self._closed
+                                     else "open read-only; open it with UpdateStore.open(path, 'r+')"))
 
     def _no_writer(self) -> None:
         if self._writer is not None:
