@@ -8,7 +8,7 @@ import numpy as np
 
 import zarr
 
-from ._format import INDEX_RECORD, STATUS_NONFINITE, count_chunks, missing_chunks
+from ._format import INDEX_RECORD, STATUS_NONFINITE, require_chunks
 from ._format import paths
 from .errors import CorruptStoreError, SampleIdError, StepError
 
@@ -215,18 +215,7 @@ class StepTable:
         needed = [(paths.SAMPLE_END, n), (paths.SAMPLE_IDS, m)] + ([(paths.STATUS, n)] if self._strict else [])
         needed += [(paths.ROWS, n)] if self._row_map else []
         for path, count in needed:
-            arr = self._root[path]
-            chunks = -(-count // arr.chunks[0])
-            present = count_chunks(arr)  # one listing: bounds the work by what is on disk
-            if chunks > present + 64:  # far more than exists: forged counts; fail before sizing anything
-                raise CorruptStoreError(
-                    f"store {self._where}: {count} elements of {path} are committed, which needs {chunks} chunk(s), "
-                    f"but only {present} exist (a forged commit record or deleted chunks); restore from a backup")
-            lost = missing_chunks(arr, [(i,) for i in range(chunks)])
-            if lost:
-                a, b = lost[0][0] * arr.chunks[0], min(count, (lost[0][0] + 1) * arr.chunks[0])
-                raise CorruptStoreError(f"store {self._where}: {path} is missing chunk(s) {[c[0] for c in lost]} "
-                                        f"(elements {a}..{b - 1} of {count} committed); restore them from a backup")
+            require_chunks(self._root[path], count, self._where)
 
     def invalidate(self) -> None:
         self.index = self.status = self.rows = None

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._format import OWNER_COUNT, PURGED_ID, count_chunks, dense_array, missing_chunks, paths
+from ._format import OWNER_COUNT, PURGED_ID, dense_array, paths, require_chunks
 from ._index import as_sample_ids
 from .errors import CorruptStoreError, SampleIdError
 
@@ -33,14 +33,7 @@ class OwnerTable:
 
     def _check_chunks(self, n: int) -> None:
         for path in (paths.OWNER_SAMPLES, paths.OWNER_KEYS):
-            arr = self._root[path]
-            chunks = -(-n // arr.chunks[0])
-            if chunks > count_chunks(arr) + 64:  # forged count: fail before sizing a read by it
-                raise CorruptStoreError(f"{self._where}: the owner table claims {n} entries; {path} holds far fewer")
-            lost = missing_chunks(arr, [(i,) for i in range(chunks)]) if self._strict else []
-            if lost:
-                raise CorruptStoreError(f"{self._where}: {path} is missing chunk(s) {[c[0] for c in lost]} of the "
-                                        f"{n} owner entries; restore them from a backup")
+            require_chunks(self._root[path], n, self._where, presence=self._strict)
 
     def append(self, sample_ids: Any, owners: Any) -> None:
         ids = as_sample_ids(sample_ids)

@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, has_row_map, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
 
-__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "count_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "count_chunks", "require_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -115,6 +115,26 @@ def count_chunks(arr: zarr.Array) -> int:
         return sum([1 async for _ in arr.store.list_prefix(prefix)])
 
     return sync(count())
+
+
+def require_chunks(arr: zarr.Array, count: int, where: str, *, presence: bool = True) -> None:
+    """The chunks of a 1-D array that hold its first ``count`` elements exist, or ``CorruptStoreError``.
+
+    Counts come from the store: one listing first bounds the work by what is on disk, so a forged
+    count fails before anything is sized by it; then (``presence``) each needed chunk is checked,
+    since Zarr would read a missing one as zeros.
+    """
+    chunks = -(-count // arr.chunks[0])
+    present = count_chunks(arr)
+    if chunks > present + 64:  # far more than exists: a forged count
+        raise CorruptStoreError(
+            f"store {where}: {count} elements of {arr.path} are committed, which needs {chunks} chunk(s), but only "
+            f"{present} exist (a forged record or deleted chunks); restore from a backup")
+    lost = missing_chunks(arr, [(i,) for i in range(chunks)]) if presence else []
+    if lost:
+        a, b = lost[0][0] * arr.chunks[0], min(count, (lost[0][0] + 1) * arr.chunks[0])
+        raise CorruptStoreError(f"store {where}: {arr.path} is missing chunk(s) {[c[0] for c in lost]} "
+                                f"(elements {a}..{b - 1} of {count} committed); restore them from a backup")
 
 
 def missing_chunks(arr: zarr.Array, coords: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
