@@ -145,3 +145,40 @@ def test_format1_store_appends_as_format1(tmp_path):
             assert torch.equal(before[name].values, after[name].values)
         assert store.read([n + 3])[store.layers[0].name].values.abs().sum() > 0
     assert "row" not in zarr.open_group(str(tmp_path / "store"), mode="r")["steps"]
+
+
+def test_reopening_after_an_interrupted_commit_records_consistently(tmp_path):
+    """An interrupted writer leaves arrays longer than the commit record says. The next writer erases
+    that tail before it caches array shapes: it once kept the stale, longer shapes, skipped the resize,
+    and committed steps beyond the arrays' recorded shape (the store then refused to open)."""
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with UpdateStore.create(tmp_path / "s", model, keep=0.5) as store, store.recorder(model, opt) as rec:
+        run_steps(rec, model, opt, range(3))
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    block = root.attrs["updatestore"]["block_steps"]
+    for path in ("steps/status", "steps/sample_end", "steps/row"):  # what a killed commit leaves behind
+        arr = root[path]
+        arr.resize((10,))
+        arr[3:10] = 7
+    ids = root["samples/ids"]
+    ids.resize((60,))
+    ids[12:60] = 99
+    for layer in root.attrs["updatestore"]["layers"]:
+        arr = root[f"layers/{layer['name']}/values"]
+        arr.resize((block + 5,) + arr.shape[1:])
+        arr[block:block + 5] = 1
+    with UpdateStore.open(tmp_path / "s", "r+") as store, store.recorder(model, opt) as rec:
+        run_steps(rec, model, opt, range(3, 5))
+    clean_model = make_tiny()  # the same run without the interruption's leftovers
+    clean_opt = torch.optim.SGD(clean_model.parameters(), lr=0.1)
+    with UpdateStore.create(tmp_path / "c", clean_model, keep=0.5) as clean:
+        for steps in (range(3), range(3, 5)):
+            with clean.recorder(clean_model, clean_opt) as rec:
+                run_steps(rec, clean_model, clean_opt, steps)
+        want = clean.read([3, 4])
+    with UpdateStore.open(tmp_path / "s") as store:  # opens: shapes and commit record agree
+        assert store.num_batches == 5
+        assert [store.samples_in(s).tolist() for s in range(5)] == [list(range(4 * s, 4 * s + 4)) for s in range(5)]
+        got = store.read([3, 4])  # the leftover rows were erased, not mixed into the new shard
+        assert all(torch.equal(got[n].values, want[n].values) for n in want)

@@ -77,6 +77,9 @@ class BlockWriter:
         if fsync and hasattr(root.store, "unsynced"):
             root.store.unsynced = set()
         self._where = where
+        if row_map:  # erase an interrupted writer's uncommitted rows first: the handles below cache shapes
+            rows = num_steps if rows is None else rows
+            erase_beyond(root, specs, num_steps, num_samples, rows)
         self._commit_seconds = commit_seconds
         self._last_commit = time.monotonic()
         self._specs = specs
@@ -102,11 +105,7 @@ class BlockWriter:
         self._pending_ids: list[np.ndarray] = []
         self._total_samples = num_samples
         if row_map:
-            rows = num_steps if rows is None else rows
-            self._start, self._n, self._row0 = num_steps, 0, -(-rows // block) * block
-            if any(a.shape[0] > rows for pair in self._arrays for a in pair if a is not None) or \
-                    self._ids_arr.shape[0] > num_samples:  # an interrupted writer's uncommitted rows
-                erase_beyond(root, specs, num_steps, num_samples, rows)
+            self._start, self._n, self._row0 = num_steps, 0, -(-rows // block) * block  # a new shard
         else:
             self._start = (num_steps // block) * block  # first step of the buffered block
             self._n = num_steps - self._start  # rows buffered in the block
