@@ -25,7 +25,7 @@ import zarr
 
 from ._codecs import positions_codec, values_codec
 from ._format import COUNTS, OWNER_COUNT, dense_array, erase_beyond, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
-from ._backend import fsync_written
+from ._backend import set_durable
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
 
@@ -73,9 +73,8 @@ class BlockWriter:
                  max_queue: int = 8, commit_seconds: float | None = 5.0, fsync: bool = False,
                  on_close: Callable[["BlockWriter"], None] | None = None) -> None:
         self._root = root
-        self._fsync = fsync
-        if fsync and hasattr(root.store, "unsynced"):
-            root.store.unsynced = set()
+        if fsync and root.store.unsynced is None:  # on: each record is fsynced after what it vouches for
+            set_durable(root.store, True)  # (CountingStore.set); already on for an fsync=True store
         self._where = where
         if row_map:  # erase an interrupted writer's uncommitted rows first: the handles below cache shapes
             rows = num_steps if rows is None else rows
@@ -262,11 +261,7 @@ class BlockWriter:
             if self._ids_arr.shape[0] < m1:
                 self._ids_arr.resize((m1,))
             self._ids_arr[m0:m1] = new_ids
-        if self._fsync:  # the data first, durably; then the record that vouches for it
-            fsync_written(self._root.store)
         COUNTS.write(self._root, b, m1)  # the commit point
-        if self._fsync:
-            fsync_written(self._root.store)
         self.committed_steps, self.committed_samples = b, m1
         self._last_commit = time.monotonic()
         self._pending_ids = []
