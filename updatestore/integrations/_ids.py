@@ -1,4 +1,4 @@
-"""Finding a batch's sample IDs, shared by the framework callbacks."""
+"""What the framework callbacks share: finding a batch's sample IDs, ending a recording."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import ConfigError, RecorderError
 
-__all__ = ["ID_KEY", "ids_getter"]
+__all__ = ["ID_KEY", "ids_getter", "finish"]
 
 #: The batch key (dict batches) or dataset column holding each sample's ID.
 ID_KEY = "sample_id"
@@ -33,3 +33,14 @@ def ids_getter(ids: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     if not callable(ids):
         raise ConfigError(f"ids= must be a callable taking a batch and returning its sample IDs, got {ids!r}")
     return ids
+
+
+def finish(rec: Any, *, checkpoint: bool) -> dict[str, Any] | None:
+    """Detach ``rec`` (committing its steps) and, with ``checkpoint``, first take its checkpoint state;
+    the recorder is detached even if taking the state fails. ``None`` without a state."""
+    if rec is None:
+        return None
+    try:
+        return rec.state_dict() if checkpoint else None
+    finally:
+        rec.detach()

@@ -28,7 +28,7 @@ except ImportError:  # the standalone package
 from ..errors import ConfigError, RecorderError
 from ..recorder import Recorder
 from ..store import UpdateStore
-from ._ids import ids_getter
+from ._ids import finish, ids_getter
 
 __all__ = ["UpdateStoreCallback"]
 
@@ -94,13 +94,7 @@ class UpdateStoreCallback(Callback):
 
     def _finish(self, *, checkpoint: bool) -> None:
         rec, self._rec = self._rec, None
-        if rec is None:
-            return
-        try:
-            if checkpoint:
-                self._state = rec.state_dict()
-        finally:
-            rec.detach()
+        self._state = finish(rec, checkpoint=checkpoint) or self._state
 
     def _recorder(self) -> Recorder:
         if self._rec is None:

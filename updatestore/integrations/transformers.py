@@ -32,7 +32,7 @@ from .._index import as_sample_ids
 from ..errors import ConfigError, RecorderError
 from ..recorder import Recorder
 from ..store import UpdateStore
-from ._ids import ID_KEY
+from ._ids import ID_KEY, finish
 
 __all__ = ["UpdateStoreCallback"]
 
@@ -134,9 +134,7 @@ class UpdateStoreCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec, self._rec = self._rec, None
         try:
-            if rec is not None:
-                self.recorder_state = rec.state_dict()
-                rec.detach()
+            self.recorder_state = finish(rec, checkpoint=True) or self.recorder_state
         finally:
             self._unwrap()
 
