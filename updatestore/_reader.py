@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync
 
 from ._codecs import positions_codec, values_codec
 from ._format import STATUS_RECORDED, LayerSpec, missing_chunks, paths
+from ._format.shards import ShardLayout, read_rows
+from ._kernels import NUMBA_MIN_NUMEL, add_packed
 from .errors import CorruptStoreError, UpdateStoreError
 
 __all__ = ["Rows", "Reader", "read_plan"]
@@ -22,8 +23,10 @@ class Rows:
     """Decoded rows of one layer for some steps: the same type for every layer, dense included.
 
     ``values`` is float32 ``(n, k)``; ``positions`` is int64 ``(n, k)`` flat indices into
-    the parameter (for a dense layer, a broadcast view of ``0..numel-1`` that takes no
-    memory). Steps without a stored update (skipped, not stored, purged) have zero values.
+    the parameter, decoded from the stored rows (``packed``) only when asked for: ``sum``
+    adds straight from the packed rows (for a dense layer, positions are a broadcast view of
+    ``0..numel-1`` that takes no memory). Steps without a stored update (skipped, not stored,
+    purged) have zero values.
 
     >>> rows = store.read([3, 4, 9])["fc.weight"]          # doctest: +SKIP
     >>> delta = rows.sum(torch.zeros(rows.numel))          # doctest: +SKIP
@@ -32,31 +35,53 @@ class Rows:
     layer: str
     steps: np.ndarray
     values: torch.Tensor
-    positions: torch.Tensor
     numel: int
     dense: bool
+    codec: str = "dense"
+    #: the stored positions rows ``(n, width)``, validated; zeros for rows without an update
+    packed: np.ndarray | torch.Tensor | None = None
+    recorded: np.ndarray | None = None
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        n, k = self.values.shape
+        arange = torch.arange(k, device=self.values.device)
+        if self.dense or self.packed is None:
+            return arange.expand(n, k)
+        host = self.packed if isinstance(self.packed, np.ndarray) else self.packed.cpu().numpy()
+        pos = arange.cpu().numpy().repeat(n).reshape(k, n).T.copy()
+        if self.recorded.any():
+            pos[self.recorded] = positions_codec(self.codec).decode(host[self.recorded], self.numel, k)
+        return torch.from_numpy(pos).to(self.values.device)
 
     def to(self, device: torch.device | str) -> "Rows":
-        """The rows on ``device`` (a dense layer's positions are rebuilt there, not copied)."""
-        values = self.values.to(device, non_blocking=True)
-        if self.dense:
-            positions = torch.arange(self.numel, device=values.device).expand(*self.values.shape)
-        else:
-            positions = self.positions.to(device, non_blocking=True)
-        return Rows(self.layer, self.steps, values, positions, self.numel, self.dense)
+        """The rows on ``device``: the values and the packed rows are copied, positions are decoded there."""
+        device = torch.device(device)
+        if device.type == "cpu" and self.values.device.type == "cpu":
+            return self
+        packed = self.packed
+        if isinstance(packed, np.ndarray):  # torch has no unsigned 16/32-bit arithmetic: widen gaps
+            packed = torch.from_numpy(packed if packed.dtype == np.uint8 else packed.astype(np.int64))
+        if packed is not None:
+            packed = packed.to(device, non_blocking=True)
+        return Rows(self.layer, self.steps, self.values.to(device, non_blocking=True), self.numel, self.dense,
+                    self.codec, packed, self.recorded)
 
     def sum(self, out: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """Add every row into the flat tensor ``out`` (scatter-add at the positions) and return it.
+        """Add every row into the flat float32 tensor ``out`` (scatter-add at the positions) and return it.
 
         ``columns`` ``(n, k')`` picks which entries of each row to add (e.g. each
-        row's largest k'); by default all of them.
+        row's largest k'); by default all of them, added straight from the packed rows.
         """
-        values, positions = self.values, self.positions
         if columns is not None:
-            values, positions = values.gather(1, columns), positions.gather(1, columns)
-        elif self.dense:
-            return out.add_(values.sum(0))
-        return out.index_add_(0, positions.reshape(-1), values.reshape(-1))
+            values, positions = self.values.gather(1, columns), self.positions.gather(1, columns)
+            return out.index_add_(0, positions.reshape(-1), values.reshape(-1))
+        if self.dense:
+            return out.add_(self.values.sum(0))
+        if out.device.type == "cpu" and self.numel < NUMBA_MIN_NUMEL:  # small: NumPy decode is fast enough
+            return out.index_add_(0, self.positions.reshape(-1), self.values.reshape(-1))
+        add_packed(out, self.packed, self.values, self.codec)
+        return out
 
 
 def read_plan(sel: slice | np.ndarray, chunk_rows: int) -> tuple[list[slice], np.ndarray | None]:
@@ -138,33 +163,19 @@ class Reader:
         """Rows of sorted, unique ``steps`` (validated by the caller) for ``layers``.
 
         ``rows`` and ``status`` are the layer rows and statuses of exactly those steps.
-        Every array of every layer is fetched in one concurrent round trip.
+        Every array of every layer is fetched concurrently (``shards.read_rows``).
         """
         specs = [self.spec(name) for name in layers]
         need = int(rows[-1]) + 1 if rows.size else 0
         recorded = status == STATUS_RECORDED
         for spec in specs:
             self._verify(spec, self._layer_arrays(spec, need), steps[recorded], rows[recorded])
-        contiguous = rows.size == 0 or rows[-1] - rows[0] + 1 == rows.size
-        start = int(rows[0]) if rows.size else 0
-        sel: slice | np.ndarray = slice(start, start + rows.size) if contiguous else rows
         what = (f"{steps[0]}..{steps[-1]}" + ("" if steps[-1] - steps[0] + 1 == steps.size else f" ({steps.size} steps)")
                 if steps.size else "(none)")
-        plans = [read_plan(sel, spec.chunk_rows) for spec in specs]
-        arrays = [(a, plan) for spec, plan in zip(specs, plans) for a in self._layer_arrays(spec, need)]
-
-        async def fetch(arr: zarr.Array | None, plan: tuple[list[slice], np.ndarray | None]):
-            if arr is None:
-                return None
-            spans, keep = plan
-            parts = await asyncio.gather(*(arr.async_array.getitem(r) for r in spans))
-            block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            return block if keep is None else block[keep]
-
-        async def fetch_all():
-            return await asyncio.gather(*(fetch(a, plan) for a, plan in arrays), return_exceptions=True)
-
-        raw = sync(fetch_all())
+        arrays = [a for spec in specs for a in self._layer_arrays(spec, need)]
+        layouts = [ShardLayout.of(a) for a in arrays if a is not None]
+        got = iter(read_rows(arrays[0].store, layouts, rows) if layouts else [])
+        raw = [None if a is None else next(got) for a in arrays]
         # Rows of steps without a stored update are zeros on disk; decode only recorded
         # rows and give the others zero values at 0..k-1.
         out = {}
@@ -184,16 +195,14 @@ class Reader:
             if isinstance(r, BaseException):
                 raise r
         values = self._values.to_torch(raw_v)
+        if (~recorded).any() and values[torch.from_numpy(~recorded)].any():
+            raise CorruptStoreError(f"store {self._where}: layer {spec.name!r} holds values "
+                                    f"for steps {what} that have no stored update")
         codec = positions_codec(spec.positions)
-        n = len(recorded)
         if not codec.stored:
-            positions = torch.arange(spec.k).expand(n, spec.k)
-        else:
-            pos = np.broadcast_to(np.arange(spec.k, dtype=np.int64), (n, spec.k)).copy()
-            if recorded.any():
-                pos[recorded] = codec.decode(raw_p[recorded], spec.numel, spec.k)
-            if (~recorded).any() and values[torch.from_numpy(~recorded)].any():
-                raise CorruptStoreError(f"store {self._where}: layer {spec.name!r} holds values "
-                                        f"for steps {what} that have no stored update")
-            positions = torch.from_numpy(pos)
-        return Rows(spec.name, steps, values, positions, spec.numel, not codec.stored)
+            return Rows(spec.name, steps, values, spec.numel, True)
+        if recorded.any():
+            codec.check(raw_p[recorded], spec.numel, spec.k)
+        if not recorded.all():
+            raw_p[~recorded] = 0  # kernels read them: nothing stored there, nothing added
+        return Rows(spec.name, steps, values, spec.numel, False, spec.positions, raw_p, recorded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ from ..report import UnlearnReport
 from ..request import log, purge as purge_request, resolve
 
 __all__ = ["amnesiac", "pick_device", "AUTO_CANDIDATES"]
+
+#: Decoded rows read per block by default (two blocks are in memory at once: one read ahead).
+BLOCK_BYTES = 64 * 2**20
 
 #: Ratios ``keep=Auto(...)`` tries by default (each clipped to what the store recorded).
 AUTO_CANDIDATES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
@@ -54,20 +58,31 @@ def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: tor
     accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs] for _ in ks]
     names = [spec.name for spec, _ in pairs]
     chunks = [steps[i : i + block] for i in range(0, len(steps), block)]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc="unlearning", unit="block", leave=False)
-    for chunk in chunks:
-        rows = store.read(chunk, names)
-        for li, (spec, _) in enumerate(pairs):
-            layer = rows.pop(spec.name).to(device)
-            # Stored rows are the top-k of the true update, so the top-k' of a row
-            # is exactly the top-k' of the true update (k' ≤ k).
-            order = (torch.argsort(layer.values.abs(), dim=1, descending=True)
-                     if any(k[li] < spec.k for k in ks) else None)
-            for acc, k in zip(accs, ks):
-                layer.sum(acc[li], None if k[li] >= spec.k else order[:, : k[li]])
+        bar = tqdm(total=len(chunks), desc="unlearning", unit="block", leave=False)
+    # The next block is read (fetched, checked, decompressed) while this one is added: the
+    # read is I/O and Blosc, the sum compiled kernels, and both release the GIL. At most two
+    # blocks are in memory.
+    with ThreadPoolExecutor(1, thread_name_prefix="updatestore-prefetch") as ahead:
+        pending = ahead.submit(store.read, chunks[0], names) if chunks else None
+        for i in range(len(chunks)):
+            rows = pending.result()
+            pending = ahead.submit(store.read, chunks[i + 1], names) if i + 1 < len(chunks) else None
+            for li, (spec, _) in enumerate(pairs):
+                layer = rows.pop(spec.name).to(device)
+                # Stored rows are the top-k of the true update, so the top-k' of a row
+                # is exactly the top-k' of the true update (k' ≤ k).
+                order = (torch.argsort(layer.values.abs(), dim=1, descending=True)
+                         if any(k[li] < spec.k for k in ks) else None)
+                for acc, k in zip(accs, ks):
+                    layer.sum(acc[li], None if k[li] >= spec.k else order[:, : k[li]])
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return accs
 
 
@@ -134,15 +149,16 @@ def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
 
 def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None, *, owners: Any = None,
              keep: float | Mapping[str, float] | Auto | None = None, device: str | torch.device | None = None,
-             dry_run: bool = False, block_steps: int = 16, progress: bool = False, ledger: bool = True,
+             dry_run: bool = False, block_steps: int | None = None, progress: bool = False, ledger: bool = True,
              purge: bool = True, defer: bool = False, allow_unknown_model: bool = False,
              max_update: float | None = 1e3, **legacy: Any) -> UnlearnReport:
     """Forget ``sample_ids`` (and every sample of ``owners``) by subtracting the stored updates
     of every step that used them: θ' = θ − Σ_b Δθ_b, with Δθ_b as stored (all of it at
     keep = 1, the layer-wise top-k otherwise).
 
-    Rows are read in blocks of ``block_steps`` steps and scatter-added on ``device``
-    (CUDA when available), so memory does not grow with the number of steps hit. Every
+    Rows are read in blocks of ``block_steps`` steps (default: as many as hold
+    ``BLOCK_BYTES`` of decoded rows) and scatter-added on ``device`` (CUDA when
+    available), so memory does not grow with the number of steps hit. Every
     layer's result is checked finite before any parameter changes; a failure leaves
     the model as it was. Idempotent: steps the audit ledger shows were already
     subtracted from this very model (by a hash of its weights) are not subtracted
@@ -185,9 +201,12 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     if max_update is not None and (isinstance(max_update, bool) or not isinstance(max_update, (int, float))
                                    or not max_update > 0):
         raise ConfigError(f"max_update must be a positive number or None, got {max_update!r}")
-    if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1:
-        raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block), got {block_steps!r}")
+    if block_steps is not None and (isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1):
+        raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block) or None, got {block_steps!r}")
     pairs = store.check_model(model)
+    if block_steps is None:  # a block's decoded rows: float32 values, int64 positions (small layers), packed rows
+        per_step = sum(16 * spec.k + spec.numel // 8 for spec, _ in pairs)
+        block_steps = max(1, min(4096, BLOCK_BYTES // max(1, per_step)))
     dev = pick_device(model, device)
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]

@@ -33,5 +33,8 @@ class PositionsCodec(Protocol):
         """One step's sorted positions (1-D int64) → one stored row (plain numpy: the writer
         thread runs it, and torch ops there would contend with training for the CPU)."""
 
+    def check(self, rows: np.ndarray, numel: int, k: int) -> None:
+        """``CorruptRowError`` unless every stored row decodes to k sorted positions below numel."""
+
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         """Stored rows ``(n, width)`` → sorted positions ``(n, k)`` int64; ``CorruptRowError`` if invalid."""

@@ -32,22 +32,25 @@ class Bitmap:
         mask[positions] = True
         return np.packbits(mask)
 
+    def check(self, rows: np.ndarray, numel: int, k: int) -> None:
+        """Every row holds exactly k bits, none in the padding after entry numel-1."""
+        bm = np.asarray(rows, dtype=np.uint8)
+        pad = (-numel) % 8
+        if bm.size and ((np.bitwise_count(bm).sum(axis=1, dtype=np.int64) != k).any() or (
+                pad and (bm[:, -1] & ((1 << pad) - 1)).any())):
+            raise CorruptRowError(f"bitmap rows do not each hold exactly {k} entries below {numel}")
+
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         # Unpacks a few rows at a time (≤ 32 MiB of bits) and takes flatnonzero:
         # 10× faster than unpacking only the non-zero bytes, with bounded memory.
         bm = np.asarray(rows, dtype=np.uint8)
+        self.check(bm, numel, k)
         n = bm.shape[0]
         out = np.empty((n, k), dtype=np.int64)
         step = max(1, (32 << 20) // max(1, numel))
-        pad = (-numel) % 8
         for a in range(0, n, step):
             part = bm[a : a + step]
             m = len(part)
-            # Every row must hold exactly k bits, none in the padding after entry numel-1.
-            if (np.bitwise_count(part).sum(axis=1, dtype=np.int64) != k).any() or (
-                pad and (part[:, -1] & ((1 << pad) - 1)).any()
-            ):
-                raise CorruptRowError(f"bitmap rows do not each hold exactly {k} entries below {numel}")
             flat = np.flatnonzero(np.unpackbits(part, axis=1, count=numel).view(bool))
             out[a : a + m] = flat.reshape(m, k) - (np.arange(m, dtype=np.int64) * numel)[:, None]
         return out

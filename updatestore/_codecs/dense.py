@@ -21,5 +21,8 @@ class Dense:
     def encode(self, positions: np.ndarray | None, numel: int) -> None:
         return None
 
+    def check(self, rows: np.ndarray, numel: int, k: int) -> None:
+        return None
+
     def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
         return np.broadcast_to(np.arange(k, dtype=np.int64), (len(rows), k))

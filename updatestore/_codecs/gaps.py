@@ -30,8 +30,12 @@ class Gaps:
     def encode(self, positions: np.ndarray, numel: int) -> np.ndarray:
         return np.diff(positions, prepend=0).astype(gap_dtype(numel))
 
-    def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
-        pos = np.cumsum(rows, axis=1, dtype=np.int64)
-        if pos.size and (pos[:, -1].max() >= numel or (pos.shape[1] > 1 and (rows[:, 1:] == 0).any())):
+    def check(self, rows: np.ndarray, numel: int, k: int) -> None:
+        """Positions (running sums) stay below numel and never repeat (no zero gap after column 0)."""
+        if rows.size and (rows.sum(axis=1, dtype=np.int64).max() >= numel
+                          or (rows.shape[1] > 1 and not rows[:, 1:].all())):
             raise CorruptRowError("gap-coded positions are out of range or repeat an entry")
-        return pos
+
+    def decode(self, rows: np.ndarray, numel: int, k: int) -> np.ndarray:
+        self.check(rows, numel, k)
+        return np.cumsum(rows, axis=1, dtype=np.int64)

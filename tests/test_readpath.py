@@ -1,0 +1,138 @@
+"""The fast read path against independent oracles: the compiled kernels and the device (torch)
+sum equal a NumPy scatter of the decoded positions; the direct shard reader equals zarr-python
+on the same arrays, and refuses damaged shards (CRC, forged Blosc header, truncation)."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import unlearn
+from updatestore import CorruptStoreError, UpdateStore
+from updatestore._codecs import positions_codec
+from updatestore._format.shards import ShardLayout, read_rows
+from updatestore._kernels import _add_numba, _add_torch
+from updatestore._pool import workers
+
+from conftest import make_tiny, oracle_after, steps_with, train
+
+
+def _rows(numel, k, n, seed, codec):
+    rng = np.random.default_rng(seed)
+    pos = np.stack([np.sort(rng.choice(numel, size=k, replace=False)) for _ in range(n)])
+    vals = rng.standard_normal((n, k)).astype(np.float32)
+    packed = positions_codec(codec).encode(pos[0], numel)[None].repeat(n, 0)
+    for i in range(n):
+        packed[i] = positions_codec(codec).encode(pos[i], numel)
+    oracle = np.zeros(numel, np.float64)
+    for i in range(n):
+        np.add.at(oracle, pos[i], vals[i])
+    return packed, torch.from_numpy(vals), oracle
+
+
+@given(st.integers(1, 5000), st.floats(0.001, 1.0), st.integers(1, 5), st.integers(0, 2**31),
+       st.sampled_from(["bitmap", "gaps"]))
+@settings(max_examples=80, deadline=None)
+def test_kernels_equal_a_numpy_scatter(numel, keep, n, seed, codec):
+    k = max(1, min(numel, int(keep * numel)))
+    packed, vals, oracle = _rows(numel, k, n, seed, codec)
+    for add in (lambda out: _add_numba(out, packed, vals, codec),
+                lambda out: _add_torch(out, torch.from_numpy(packed if codec == "bitmap" else packed.astype(np.int64)),
+                                       vals, codec, numel)):
+        out = torch.zeros(numel)
+        add(out)
+        np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-5, atol=1e-5)
+
+
+def test_large_rows_split_across_threads_add_in_row_order():
+    """Rows ≥ 2**20 entries are split by position across the pool: every entry is still added
+    in row order, so the result is bit-identical to one thread's."""
+    numel, k, n = (1 << 20) + 13, 50_000, 3
+    for codec in ("bitmap", "gaps"):
+        packed, vals, oracle = _rows(numel, k, n, 7, codec)
+        out = torch.zeros(numel)
+        _add_numba(out, packed, vals, codec)
+        one = torch.zeros(numel)
+        for i in range(n):  # one row at a time: the reference order
+            one.index_add_(0, torch.from_numpy(positions_codec(codec).decode(packed[i:i + 1], numel, k)[0]), vals[i])
+        assert torch.equal(out, one), codec
+        np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-5, atol=1e-6)
+    assert workers() >= 1
+
+
+def test_kernels_refuse_rows_they_cannot_place():
+    numel = 100
+    packed, vals, _ = _rows(numel, 10, 1, 0, "gaps")
+    bad = packed.copy()
+    bad[0, 0] = 95  # the running sum passes numel
+    with pytest.raises(ValueError):
+        _add_numba(torch.zeros(numel), bad, vals, "gaps")
+    bits, vals, _ = _rows(numel, 10, 1, 0, "bitmap")
+    with pytest.raises(ValueError):  # 10 values but more set bits
+        _add_numba(torch.zeros(numel), np.full_like(bits, 255), vals, "bitmap")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.01])
+def test_amnesiac_on_a_large_layer_equals_oracle(store_path, keep):
+    """A layer above the kernels' threshold (65 536 entries), bitmap (0.3) and gaps (0.01)."""
+    model = make_tiny(d_in=300, hidden=256)
+    assert model.fc1.weight.numel() >= 1 << 16
+    ids = lambda s: np.arange(4) + 4 * (s % 3)  # noqa: E731
+    with UpdateStore.create(store_path, model, keep=keep, value_dtype="float32") as store:
+        oracle, all_ids = train(store, model, steps=9, batch=4, ids_fn=ids)
+        assert store.layers[0].positions == ("bitmap" if keep > 0.02 else "gaps")
+        expected = oracle_after(model, oracle, steps_with(all_ids, [1]), keep)
+        unlearn.amnesiac(model, store, [1], block_steps=2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=2e-6)
+
+
+def _layer_arrays(path):
+    root = zarr.open_group(path, mode="r")
+    return [root[f"layers/fc1.weight/{a}"] for a in ("values", "positions")]
+
+
+def test_shard_reader_equals_zarr(store_path):
+    model = make_tiny(d_in=300, hidden=256)
+    with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
+        train(store, model, steps=11, batch=4)
+    arrays = _layer_arrays(store_path)
+    assert ShardLayout.of(arrays[0]).shard_rows < 11  # several shards
+    for rows in (np.arange(11), np.array([0, 5, 6, 10]), np.array([3])):
+        got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows)
+        for a, g in zip(arrays, got):
+            np.testing.assert_array_equal(g, a[rows])
+
+
+def _corrupt(path, how):
+    f = next(p for p in sorted((path / "layers/fc1.weight/positions/c").rglob("*")) if p.is_file())
+    raw = bytearray(f.read_bytes())
+    if how == "index":
+        raw[-10] ^= 0xFF
+    elif how == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif how == "forged_header":
+        # a Blosc header claiming 1 GiB, with the inner chunk's CRC32C recomputed to match
+        import google_crc32c
+        n = ShardLayout.of(_layer_arrays(path)[1]).chunks_per_shard
+        idx = np.frombuffer(bytes(raw[-4 - 16 * n:-4]), "<u8").reshape(n, 2)
+        off, nb = int(idx[0, 0]), int(idx[0, 1])
+        raw[off + 4: off + 8] = (1 << 30).to_bytes(4, "little")
+        raw[off + nb - 4: off + nb] = google_crc32c.value(bytes(raw[off: off + nb - 4])).to_bytes(4, "little")
+    f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["index", "truncate", "forged_header"])
+def test_damaged_shards_are_a_clean_error_and_nothing_changes(store_path, how):
+    model = make_tiny(d_in=300, hidden=256)
+    with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
+        train(store, model, steps=4, batch=4)
+    _corrupt(store_path, how)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with UpdateStore.open(store_path, "r+") as store:
+        with pytest.raises(CorruptStoreError, match="fc1.weight"):
+            unlearn.amnesiac(model, store, [0])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])

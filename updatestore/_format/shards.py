@@ -1,0 +1,215 @@
+"""A direct reader of the standard Zarr v3 sharding layout that layer arrays use (FORMAT.md).
+
+zarr-python reads a shard through its generic codec pipeline: coroutines per inner chunk and
+an event-loop hop per call. Profiled on 100 steps of a 4.3M-parameter MLP, that pipeline
+cost more than the bytes and the arithmetic together. The layout is fixed and simple — a
+shard file holds inner chunks (Blosc → CRC32C) and ends with an index of ``n`` little-endian
+``(offset, nbytes)`` uint64 pairs plus its CRC32C — so the hot path reads it directly: whole
+shards (or runs of wanted chunks) in one request each through the store's own byte-range API,
+every CRC32C checked, Blosc decompressed in a thread pool (it releases the GIL).
+
+Any array whose codecs are not exactly the ones the format writes is refused, never guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import blosc
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .._pool import pool
+from ..errors import UnsupportedFormatError
+
+__all__ = ["ShardLayout", "ShardError", "read_rows"]
+
+
+class ShardError(ValueError):
+    """A shard file or inner chunk is damaged (the reader names the store and layer)."""
+
+_EMPTY = 2**64 - 1
+#: Wanted chunks closer than this in a shard file are fetched in one range request.
+_MERGE_GAP = 1 << 16
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where the rows of one 2-D layer array live: shards of ``shard_rows`` rows, inner chunks of
+    ``chunk_rows`` full-width rows, one file per shard at ``key(shard)``."""
+
+    path: str
+    length: int
+    width: int
+    dtype: np.dtype
+    shard_rows: int
+    chunk_rows: int
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return self.chunk_rows * self.width * self.dtype.itemsize
+
+    def key(self, shard: int) -> str:
+        return f"{self.path}/c/{shard}/0"
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> "ShardLayout":
+        """The layout of ``arr``; ``UnsupportedFormatError`` unless it is exactly what FORMAT.md defines."""
+        md = arr.metadata
+        codecs = md.codecs
+        ok = (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) and len(arr.shape) == 2
+              and getattr(md.chunk_key_encoding, "separator", None) == "/"
+              and getattr(md.chunk_key_encoding, "name", None) == "default")
+        if ok:
+            sh = codecs[0]
+            inner = sh.codecs
+            ok = (len(inner) == 3 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
+                  and isinstance(inner[2], Crc32cCodec) and len(sh.index_codecs) == 2
+                  and isinstance(sh.index_codecs[0], BytesCodec) and isinstance(sh.index_codecs[1], Crc32cCodec)
+                  and sh.index_location.value == "end" and _little(sh.index_codecs[0]) and _little(inner[0])
+                  and md.chunk_grid.chunk_shape[1] == arr.shape[1] == sh.chunk_shape[1]
+                  and md.chunk_grid.chunk_shape[0] % sh.chunk_shape[0] == 0)
+        if not ok:
+            raise UnsupportedFormatError(f"array {arr.path} is not laid out as FORMAT.md defines "
+                                         "(sharding_indexed of bytes/blosc/crc32c, index at the end)")
+        sh = codecs[0]
+        return cls(arr.path, int(arr.shape[0]), int(arr.shape[1]), np.dtype(arr.dtype),
+                   int(md.chunk_grid.chunk_shape[0]), int(sh.chunk_shape[0]))
+
+
+def _little(codec: BytesCodec) -> bool:
+    # zarr leaves the endianness of 1-byte types unset
+    return codec.endian is None or getattr(codec.endian, "value", codec.endian) == "little"
+
+
+def _check_crc(data: np.ndarray, what: str) -> np.ndarray:
+    if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        raise ShardError(f"{what}: CRC32C mismatch (the file is damaged); restore it from a backup")
+    return data[:-4]
+
+
+def _parse_index(raw: np.ndarray, lay: ShardLayout, size: int | None, key: str) -> np.ndarray:
+    idx = np.frombuffer(_check_crc(raw, f"shard index of {key}"), dtype="<u8").reshape(-1, 2)
+    used = idx[:, 0] != _EMPTY
+    if len(idx) != lay.chunks_per_shard or (used & (idx[:, 1] < 20)).any() or (
+            size is not None and (used & (idx[:, 0] + idx[:, 1] > size - lay.index_nbytes)).any()):
+        raise ShardError(f"shard index of {key} does not match the array's layout; restore it from a backup")
+    return idx
+
+
+def _decompress(data: np.ndarray, lay: ShardLayout, what: str) -> np.ndarray:
+    body = _check_crc(data, what)
+    # The Blosc header (16 bytes: version, flags, typesize, then uint32 nbytes, blocksize, cbytes)
+    # is checked before decompressing: a forged one must not make us allocate what it claims.
+    head = body[:16].tobytes()
+    nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+    if len(head) < 16 or cbytes != len(body) or nbytes != lay.chunk_nbytes:
+        raise ShardError(f"{what}: not a Blosc chunk of the {lay.chunk_nbytes} bytes the layout says")
+    out = np.empty(lay.chunk_nbytes, dtype=np.uint8)
+    try:
+        blosc.decompress(body, out)
+    except Exception as exc:
+        raise ShardError(f"{what}: cannot be decompressed ({exc})") from None
+    return out.view(lay.dtype).reshape(lay.chunk_rows, lay.width)
+
+
+async def _fetch(store, lay: ShardLayout, shard: int, chunks: np.ndarray) -> dict[int, np.ndarray] | None:
+    """Raw inner chunks ``chunks`` of one shard (absent ones left out); ``None`` if there is no shard file."""
+    key = lay.key(shard)
+    proto = default_buffer_prototype()
+    whole = 2 * len(chunks) >= lay.chunks_per_shard
+    if whole:  # most of the shard is wanted: one request for all of it
+        buf = await store.get(key, proto)
+        if buf is None:
+            return None
+        raw = buf.as_numpy_array()
+        idx = _parse_index(raw[len(raw) - lay.index_nbytes:], lay, len(raw), key)
+        return {int(c): raw[int(idx[c, 0]): int(idx[c, 0] + idx[c, 1])] for c in chunks if idx[c, 0] != _EMPTY}
+    buf = await store.get(key, proto, SuffixByteRequest(lay.index_nbytes))
+    if buf is None:
+        return None
+    idx = _parse_index(buf.as_numpy_array(), lay, None, key)
+    wanted = sorted((int(idx[c, 0]), int(idx[c, 1]), int(c)) for c in chunks if idx[c, 0] != _EMPTY)
+    runs: list[list[tuple[int, int, int]]] = []
+    for w in wanted:  # merge chunks closer than _MERGE_GAP into one request
+        if runs and w[0] - (runs[-1][-1][0] + runs[-1][-1][1]) <= _MERGE_GAP:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    bufs = await asyncio.gather(*(store.get(key, proto, RangeByteRequest(r[0][0], r[-1][0] + r[-1][1]))
+                                  for r in runs))
+    out = {}
+    for run, b in zip(runs, bufs):
+        data = b.as_numpy_array() if b is not None else np.empty(0, np.uint8)
+        for off, n, c in run:
+            piece = data[off - run[0][0]: off - run[0][0] + n]
+            if len(piece) != n:
+                raise ShardError(f"{key}: truncated (inner chunk {c} ends past the file); restore it from a backup")
+            out[c] = piece
+    return out
+
+
+def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray) -> list[np.ndarray | BaseException]:
+    """Rows ``rows`` (sorted, below every layout's length) of each array, decoded: one
+    ``(len(rows), width)`` array per layout, or the exception that reading it raised.
+
+    Rows in absent shards or absent inner chunks are zeros (Zarr's fill value); the caller
+    checks that recorded rows' shards exist (FORMAT.md "Chunks that must exist").
+    """
+    shard_of = rows // np.array([lay.shard_rows for lay in layouts])[:, None] if layouts else None
+    jobs = []  # (layout index, shard, inner chunk ids)
+    for i, lay in enumerate(layouts):
+        for shard in np.unique(shard_of[i]):
+            local = rows[shard_of[i] == shard] - shard * lay.shard_rows
+            jobs.append((i, int(shard), np.unique(local // lay.chunk_rows)))
+
+    async def fetch_all():
+        return await asyncio.gather(*(_fetch(store, layouts[i], s, c) for i, s, c in jobs), return_exceptions=True)
+
+    fetched = sync(fetch_all()) if jobs else []
+    outs: list[np.ndarray | BaseException] = [np.zeros((len(rows), lay.width), lay.dtype) for lay in layouts]
+    tasks = []
+    for (i, shard, _), got in zip(jobs, fetched):
+        if isinstance(got, BaseException):
+            outs[i] = got
+        elif got:
+            tasks.extend((i, shard, c, data) for c, data in got.items())
+
+    def decode(task) -> None:
+        i, shard, c, data = task
+        lay, out = layouts[i], outs[i]
+        if isinstance(out, BaseException):
+            return
+        chunk = _decompress(data, lay, f"{lay.key(shard)} inner chunk {c}")
+        first = shard * lay.shard_rows + c * lay.chunk_rows
+        lo, hi = np.searchsorted(rows, [first, first + lay.chunk_rows])
+        out[lo:hi] = chunk[rows[lo:hi] - first]
+
+    for task, err in zip(tasks, pool().map(_capture(decode), tasks)):
+        if err is not None and not isinstance(outs[task[0]], BaseException):
+            outs[task[0]] = err
+    return outs
+
+
+def _capture(fn):
+    def run(task):
+        try:
+            fn(task)
+        except Exception as exc:  # reported per array, so the caller names the layer
+            return exc
+        return None
+    return run
