@@ -12,7 +12,7 @@ import zarr
 from ._codecs import positions_codec, values_codec
 from ._format import STATUS_RECORDED, LayerSpec, missing_chunks, paths
 from ._format.shards import ShardLayout, read_rows
-from ._kernels import NUMBA_MIN_NUMEL, add_packed
+from ._kernels import NUMBA_MIN_NUMEL, add_packed, as_tensor
 from .errors import CorruptStoreError, UpdateStoreError
 
 __all__ = ["Rows", "Reader", "read_plan"]
@@ -45,11 +45,10 @@ class Rows:
     @cached_property
     def positions(self) -> torch.Tensor:
         n, k = self.values.shape
-        arange = torch.arange(k, device=self.values.device)
         if self.dense or self.packed is None:
-            return arange.expand(n, k)
+            return torch.arange(k, device=self.values.device).expand(n, k)
         host = self.packed if isinstance(self.packed, np.ndarray) else self.packed.cpu().numpy()
-        pos = arange.cpu().numpy().repeat(n).reshape(k, n).T.copy()
+        pos = np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)).copy()
         if self.recorded.any():
             pos[self.recorded] = positions_codec(self.codec).decode(host[self.recorded], self.numel, k)
         return torch.from_numpy(pos).to(self.values.device)
@@ -59,9 +58,7 @@ class Rows:
         device = torch.device(device)
         if device.type == "cpu" and self.values.device.type == "cpu":
             return self
-        packed = self.packed
-        if isinstance(packed, np.ndarray):  # torch has no unsigned 16/32-bit arithmetic: widen gaps
-            packed = torch.from_numpy(packed if packed.dtype == np.uint8 else packed.astype(np.int64))
+        packed = as_tensor(self.packed) if isinstance(self.packed, np.ndarray) else self.packed
         if packed is not None:
             packed = packed.to(device, non_blocking=True)
         return Rows(self.layer, self.steps, self.values.to(device, non_blocking=True), self.numel, self.dense,
