@@ -136,7 +136,8 @@ def _add_torch(out: torch.Tensor, packed: torch.Tensor, values: torch.Tensor, co
     # a few rows at a time: each row expands to numel bytes of bits and numel int32 ranks
     step = max(1, (1 << 25) // max(1, numel))
     for a in range(0, packed.shape[0], step):
-        bits = ((packed[a: a + step].unsqueeze(-1) >> shifts) & 1).reshape(packed[a: a + step].shape[0], -1)[:, :numel]
+        part = packed[a: a + step]
+        bits = ((part.unsqueeze(-1) >> shifts) & 1).reshape(part.shape[0], -1)[:, :numel]
         rank = torch.cumsum(bits, dim=1, dtype=torch.int32).sub_(1).clamp_(0, values.shape[1] - 1)
         vals = values[a: a + step].gather(1, rank.long())
         out.add_((vals * bits).sum(0))
