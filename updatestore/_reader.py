@@ -15,7 +15,7 @@ from ._format.shards import ShardLayout, read_rows
 from ._kernels import NUMBA_MIN_NUMEL, add_packed, as_tensor
 from .errors import CorruptStoreError, UpdateStoreError
 
-__all__ = ["Rows", "Reader", "read_plan"]
+__all__ = ["Rows", "PartRows", "Reader", "read_plan"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,41 @@ class Rows:
         if out.device.type == "cpu" and self.numel < NUMBA_MIN_NUMEL:  # small: NumPy decode is fast enough
             return out.index_add_(0, self.positions.reshape(-1), self.values.reshape(-1))
         add_packed(out, self.packed, self.values, self.codec)
+        return out
+
+
+@dataclass(frozen=True)
+class PartRows:
+    """The rows of one parameter of a sharded store: each part's :class:`Rows` at its flat offset.
+
+    ``values``/``positions`` are the parts' side by side (positions into the whole parameter),
+    so ``columns`` index them as for one layer; ``sum`` adds each part into its slice of ``out``.
+    """
+
+    layer: str
+    steps: np.ndarray
+    parts: list[tuple[int, Rows]]
+
+    dense = False
+    numel = property(lambda self: sum(r.numel for _, r in self.parts))
+
+    @cached_property
+    def values(self) -> torch.Tensor:
+        return torch.cat([r.values for _, r in self.parts], 1)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        return torch.cat([r.positions + offset for offset, r in self.parts], 1)
+
+    def to(self, device: torch.device | str) -> "PartRows":
+        return PartRows(self.layer, self.steps, [(o, r.to(device)) for o, r in self.parts])
+
+    def sum(self, out: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        if columns is not None:
+            values, positions = self.values.gather(1, columns), self.positions.gather(1, columns)
+            return out.index_add_(0, positions.reshape(-1), values.reshape(-1))
+        for offset, rows in self.parts:
+            rows.sum(out[offset: offset + rows.numel])
         return out
 
 

@@ -24,7 +24,8 @@ import torch
 import zarr
 
 from ._codecs import positions_codec, values_codec
-from ._format import COUNTS, OWNER_COUNT, dense_array, erase_beyond, STATUS_NONFINITE, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec, paths
+from ._format import (COUNTS, OWNER_COUNT, dense_array, erase_beyond, part_record, STATUS_NONFINITE, STATUS_RECORDED,
+                      STATUS_SKIPPED, LayerSpec, paths)
 from ._backend import set_durable
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
@@ -66,13 +67,22 @@ class BlockWriter:
 
     Besides full blocks, the writer commits whenever ``commit_seconds`` have passed
     since its last commit and steps are waiting (the loss window of a crash).
+
+    In a sharded store (``part=(rank, world)``) the writer writes only this rank's parts
+    (``specs``) and, after them, its part record; rank 0's writer also writes the step table
+    and commits ``min`` over every rank's part record (:meth:`recommit`), so a committed step
+    is complete in every part. There the recorder decides each step's status for all ranks.
     """
 
     def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
                  num_samples: int, *, row_map: bool = False, rows: int | None = None, where: str = "",
                  max_queue: int = 8, commit_seconds: float | None = 5.0, fsync: bool = False,
-                 on_close: Callable[["BlockWriter"], None] | None = None) -> None:
+                 on_close: Callable[["BlockWriter"], None] | None = None,
+                 part: tuple[int, int] | None = None) -> None:
         self._root = root
+        self._part = part
+        self.owner = part is None or part[0] == 0  # writes the step table, sample IDs and commit record
+        self._commit_lock = threading.Lock()
         if fsync and root.store.unsynced is None:  # on: each record is fsynced after what it vouches for
             set_durable(root.store, True)  # (CountingStore.set); already on for an fsync=True store
         self._where = where
@@ -93,6 +103,9 @@ class BlockWriter:
         self._on_close = on_close
         self.committed_steps = num_steps
         self.committed_samples = num_samples
+        self._written_steps, self._written_samples = num_steps, num_samples  # in the arrays, maybe not committed
+        if part is not None:  # rows past the commit (an interrupted run's) are not vouched for by this rank
+            part_record(part[0]).write(root, num_steps)
         # Format 2 (row map): every commit closes its shard and the next step starts a new one, so
         # a shard is written once however often the loss window commits (format 1 rewrote it).
         self._row_map = row_map
@@ -135,6 +148,13 @@ class BlockWriter:
         """Commit every step handed over so far and note the model's fingerprint there; returns the
         committed steps, samples and owner-table entries."""
         self.flush()
+        return self.note_checkpoint(weights)
+
+    def note_checkpoint(self, weights: str | None) -> tuple[int, int, int]:
+        """Note the model's fingerprint at the committed step (after :meth:`flush`; sharded: after every
+        rank flushed, and on rank 0 only); returns the committed steps, samples and owner-table entries."""
+        if self._part is not None:
+            self.recommit()
         append_event(self._root, self._where, "checkpoint", step=self.committed_steps,
                      samples=self.committed_samples, weights=weights)
         return self.committed_steps, self.committed_samples, (OWNER_COUNT.read(self._root) or (0,))[0]
@@ -142,11 +162,10 @@ class BlockWriter:
     def close(self, weights: str | None = None) -> None:
         """Commit everything and stop; ``weights`` (the model's fingerprint now) goes into the lineage."""
         try:
-            if self._thread.is_alive():
-                self._queue.put((_STOP, threading.Event()))
-                self._thread.join()
-            self._check()
-            if weights is not None:
+            self.stop()
+            if self._part is not None and self.owner:
+                self.recommit()
+            if weights is not None and self.owner:
                 append_event(self._root, self._where, "close", step=self.committed_steps,
                              samples=self.committed_samples, weights=weights)
         finally:
@@ -186,8 +205,14 @@ class BlockWriter:
                 self._error = exc
 
     def _commit_if_due(self) -> None:
+        if (self._error is None and self._part is not None and self.owner and self._commit_seconds is not None
+                and self.committed_steps < self._written_steps):  # other ranks may have caught up since
+            try:
+                self.recommit()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._error = exc
         if (self._error is None and self._commit_seconds is not None and self._n
-                and self._start + self._n > self.committed_steps
+                and self._start + self._n > self._written_steps
                 and time.monotonic() - self._last_commit >= self._commit_seconds):
             try:
                 self._write_block()
@@ -198,7 +223,9 @@ class BlockWriter:
         r = self._n
         status = rec.status
         rows = None
-        if status == STATUS_RECORDED:
+        if status == STATUS_RECORDED and self._part is not None:  # status decided across ranks
+            rows = [(v.detach().float().cpu().numpy(), None if p is None else p.cpu().numpy()) for v, p in rec.rows]
+        elif status == STATUS_RECORDED:
             # Host float32 arrays, then numpy only: torch ops on this thread would compete with the
             # training thread's (measured: recording 1.8× slower on the digits CNN with 2 cores).
             rows = [(v.detach().float().cpu().numpy(), None if p is None else p.cpu().numpy()) for v, p in rec.rows]
@@ -211,6 +238,10 @@ class BlockWriter:
                 # The kept entries are each layer's largest |Δ|: all zero means nothing changed.
                 status = STATUS_SKIPPED
         self._status[r] = status
+        if status == STATUS_NONFINITE and self._part is not None and self.owner:
+            warnings.warn(f"step {self._start + r} of store {self._where} changed the parameters by NaN or "
+                          "infinity on some rank (a diverged step): its samples are indexed, its update is not "
+                          "stored and cannot be subtracted", RuntimeWarning, stacklevel=1)
         if status == STATUS_RECORDED:
             for i, ((vals, pos), spec, codec) in enumerate(zip(rows, self._specs, self._codecs)):
                 self._vals[i][r] = self._values.from_float32(vals)
@@ -232,7 +263,7 @@ class BlockWriter:
     def _write_block(self) -> None:
         n = self._n
         a, b = self._start, self._start + n
-        if b > self.committed_steps:
+        if b > self._written_steps:
             self._write_rows(a, b, n)
         if n == self._block or (self._row_map and n):
             self._start, self._n = b, 0
@@ -247,7 +278,13 @@ class BlockWriter:
                 if arr.shape[0] < r1:
                     arr.resize((r1,) + arr.shape[1:])
                 arr[r0:r1] = buf[:n]
-        c = self.committed_steps  # steps before c are already in the step arrays
+        if not self.owner:  # a rank > 0 of a sharded store: its parts are durable up to b
+            part_record(self._part[0]).write(self._root, b)
+            self._written_steps = self.committed_steps = b
+            self._last_commit = time.monotonic()
+            self._pending_ids = []
+            return
+        c = self._written_steps  # steps before c are already in the step arrays
         vectors = [(self._status_arr, self._status), (self._end_arr, self._ends)]
         if self._rows_arr is not None:
             vectors.append((self._rows_arr, np.arange(r0, r1, dtype=np.int64)))
@@ -256,15 +293,45 @@ class BlockWriter:
                 arr.resize((b,))
             arr[c:b] = buf[c - a : n]
         new_ids = np.concatenate(self._pending_ids) if self._pending_ids else np.zeros(0, np.int64)
-        m0, m1 = self.committed_samples, self.committed_samples + len(new_ids)
+        m0, m1 = self._written_samples, self._written_samples + len(new_ids)
         if len(new_ids):
             if self._ids_arr.shape[0] < m1:
                 self._ids_arr.resize((m1,))
             self._ids_arr[m0:m1] = new_ids
-        COUNTS.write(self._root, b, m1)  # the commit point
-        self.committed_steps, self.committed_samples = b, m1
-        self._last_commit = time.monotonic()
+        self._written_steps, self._written_samples = b, m1
         self._pending_ids = []
+        self._last_commit = time.monotonic()
+        if self._part is None:
+            COUNTS.write(self._root, b, m1)  # the commit point
+            self.committed_steps, self.committed_samples = b, m1
+        else:
+            part_record(0).write(self._root, b)
+            self.recommit()
+
+    def recommit(self) -> None:
+        """Rank 0 of a sharded store: commit every step that every rank's part record vouches for.
+
+        Called after each block and, on checkpoint and close, after every rank has flushed. Never
+        moves the commit back (a reader may have seen it).
+        """
+        with self._commit_lock:
+            durable = [self._written_steps]
+            for rank in range(1, self._part[1]):
+                got = part_record(rank).read(self._root)
+                durable.append(got[0] if got is not None else self.committed_steps)
+            n = min(durable)
+            if n <= self.committed_steps:
+                return
+            m = int(self._end_arr[n - 1])
+            COUNTS.write(self._root, n, m)  # the commit point
+            self.committed_steps, self.committed_samples = n, m
+
+    def stop(self) -> None:
+        """Write everything handed over and stop the thread (``close`` then only records and reports)."""
+        if self._thread.is_alive():
+            self._queue.put((_STOP, threading.Event()))
+            self._thread.join()
+        self._check()
 
     def _reload_tail(self) -> None:
         a, b = self._start, self._start + self._n
@@ -296,10 +363,18 @@ class WriterSink:
             raise RecorderError("the store's writer is closed; record inside `with store.recorder(...)`")
         self._writer.put(record)
 
-    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
+    @property
+    def writer(self) -> "BlockWriter":
         if self._writer is None:
             raise RecorderError("the store's writer is closed; call rec.state_dict() while the recorder is attached")
-        return self._writer.checkpoint(weights)
+        return self._writer
+
+    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
+        return self.writer.checkpoint(weights)
+
+    def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
 
     def close(self, weights: str | None = None) -> None:
         writer, self._writer = self._writer, None

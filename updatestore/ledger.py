@@ -37,7 +37,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():  # canonical names: a compiled module is the same model
         name = canonical_name(name)
-        t = p.detach().cpu().contiguous()
+        # A DTensor (FSDP2) is gathered whole, one parameter at a time (a collective: every rank
+        # calls this), so the fingerprint does not depend on how the model is sharded.
+        t = (p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()).cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -6,6 +6,7 @@ each step's pruned tensors to the sink, which encodes and writes them on its own
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ from ._format import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSp
 from ._index import as_sample_ids
 from ._pruning import prune_topk
 from ._writer import StepRecord
-from .distributed import gather_ids, world
+from .distributed import gather_ids, local_tensor, world
+from .distributed.collective import step_status
+from .distributed.sink import CollectiveSink, Discard
 from .errors import RecorderError
 from .ledger import weights_fingerprint
 
@@ -43,16 +46,6 @@ class StepSink(Protocol):
     def close(self, weights: str | None = None) -> None: ...
 
 
-class _Discard:
-    """The sink of a DDP rank > 0: its IDs reach rank 0 through the all-gather; nothing is written here."""
-
-    def open(self) -> None: ...
-    def put(self, record: StepRecord) -> None: ...
-    def checkpoint(self, weights: str | None) -> tuple[int, int, int]:
-        return -1, -1, -1
-    def close(self, weights: str | None = None) -> None: ...
-
-
 class Recorder:
     """Records each optimizer step's pruned parameter change into a store.
 
@@ -60,10 +53,10 @@ class Recorder:
     ``optimizer.step()``; wrap each step's forward/backward/step in
     ``rec.batch(ids)``. Without one, call ``rec.step(ids)`` after each update.
 
-    With torch.distributed (DistributedDataParallel: Δθ is the same on every
-    rank), rank 0 prunes and writes, and every rank's batch IDs are gathered
-    into the step: on rank 0 use ``store.recorder(model, opt)``, on the others
-    ``Recorder(None, model, opt)``.
+    Under torch.distributed every rank calls ``store.recorder(model, opt)`` and every
+    rank's batch IDs are gathered into the step. DDP (Δθ is the same on every rank):
+    rank 0 prunes and writes. FSDP2 (a sharded store): every rank prunes and writes
+    its own shard. (``Recorder(None, model, opt)`` on ranks > 0 is deprecated.)
 
     >>> with store.recorder(model, optimizer) as rec:          # doctest: +SKIP
     ...     for x, y, ids in loader:
@@ -73,9 +66,10 @@ class Recorder:
 
     def __init__(self, sink: StepSink | None, params: Any,
                  optimizer: torch.optim.Optimizer | None = None, *, watch: Any = None,
-                 process_group: Any = None, model: torch.nn.Module | None = None) -> None:
+                 process_group: Any = None, model: torch.nn.Module | None = None, sharded: bool = False) -> None:
         self._group = process_group
         self._world, self._rank = world(process_group)
+        self._sharded = sharded
         if sink is None:  # Recorder(None, model, opt): a DDP rank > 0 contributes its IDs only
             if self._world == 1:
                 raise RecorderError("a recorder needs a store (store=None is for ranks > 0 of a distributed run)")
@@ -84,7 +78,10 @@ class Recorder:
                     "with torch.distributed, rank 0 records into the store and every other rank passes store=None "
                     "(Recorder(None, model, optimizer)); this is rank 0 without a store"
                 )
-            sink, params = _Discard(), []
+            warnings.warn("Recorder(None, model, optimizer) on ranks > 0 is deprecated: call "
+                          "UpdateStore.create(path, model) (or open(path, 'r+')) and store.recorder(model, optimizer) "
+                          "on every rank", DeprecationWarning, stacklevel=2)
+            sink, params = CollectiveSink(Discard(), process_group, self._rank, sharded=False), []
         self._sink: StepSink = sink
         self._params: list[tuple[LayerSpec, torch.nn.Parameter]] = list(params)
         self._model = model
@@ -152,7 +149,8 @@ class Recorder:
         return {"updatestore_recorder": 1, "steps": steps, "samples": samples, "owners": owners, "weights": weights}
 
     def _fingerprint(self) -> str | None:
-        return None if self._model is None or not self._params else weights_fingerprint(self._model)
+        # Sharded: a collective (every rank gathers each parameter), so every rank computes it.
+        return None if self._model is None or not (self._params or self._sharded) else weights_fingerprint(self._model)
 
     def _count_trainable(self) -> int:
         if self._model is None:
@@ -277,10 +275,10 @@ class Recorder:
     @torch.no_grad()
     def _snapshot(self) -> None:
         if self._before is None:
-            self._before = [p.detach().clone() for _, p in self._params]
+            self._before = [local_tensor(p).detach().clone() for _, p in self._params]
         else:
             for buf, (_, p) in zip(self._before, self._params):
-                buf.copy_(p.detach())
+                buf.copy_(local_tensor(p).detach())
         self._snap_valid = True
 
     @torch.no_grad()
@@ -297,9 +295,14 @@ class Recorder:
         for buf, (spec, p) in zip(self._before, self._params):
             # Hook mode: Δθ = θ_after − θ_before is written into the snapshot buffer (no allocation);
             # a dense layer's values are that buffer, so they are copied before the next snapshot.
-            delta = torch.sub(p.detach(), buf, out=buf) if hooked else p.detach() - buf
+            now = local_tensor(p).detach()
+            delta = torch.sub(now, buf, out=buf) if hooked else now - buf
             vals, pos = prune_topk(delta, spec.k)
             rows.append((vals.clone() if pos is None and hooked else vals, pos))
+        if self._sharded:  # each rank sees only its parts: whether the step changed anything is agreed
+            status = step_status([v for v, _ in rows], self._group)
+            self._emit(StepRecord(status, ids, rows if status == STATUS_RECORDED else None))
+            return
         # Whether the step changed anything is decided by the writer, off this thread (no device sync here).
         self._emit(StepRecord(STATUS_RECORDED, ids, rows))
 

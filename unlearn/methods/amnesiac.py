@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from updatestore import ConfigError, CorruptStoreError, LayerSpec, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
+from updatestore.distributed import Failed, all_ok, is_sharded, local_range, local_tensor
 
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
@@ -27,6 +28,49 @@ BLOCK_BYTES = 64 * 2**20
 AUTO_CANDIDATES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
 
 Pairs = list[tuple[LayerSpec, torch.nn.Parameter]]
+#: Per parameter: its local flat range ``[a, b)`` (all of it unless an FSDP shard) and the indices,
+#: into the list of stored layers read, of the parts that overlap it.
+Targets = list[tuple[int, int, list[int]]]
+
+
+def _targets(store: UpdateStore, pairs: Pairs) -> tuple[list[LayerSpec], Targets]:
+    """The stored layers to read (a sharded store's parts overlapping what this rank holds) and how
+    each parameter's local delta is assembled from them."""
+    by_param: dict[str, list[LayerSpec]] = {}
+    for spec in store.parts:
+        by_param.setdefault(spec.name if spec.part is None else spec.part[0], []).append(spec)
+    read: list[LayerSpec] = []
+    targets: Targets = []
+    for spec, p in pairs:
+        a, b = local_range(spec.name, p)
+        hit = []
+        for part in by_param[spec.name]:
+            offset = 0 if part.part is None else part.part[1]
+            if offset < b and offset + part.numel > a:
+                hit.append(len(read))
+                read.append(part)
+        targets.append((a, b, hit))
+    return read, targets
+
+
+def _offset(spec: LayerSpec) -> int:
+    return 0 if spec.part is None else spec.part[1]
+
+
+def _assemble(parts: list[LayerSpec], targets: Targets, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's local delta from its parts' sums (the sum itself when one part is exactly it)."""
+    out = []
+    for a, b, hit in targets:
+        if len(hit) == 1 and _offset(parts[hit[0]]) == a and parts[hit[0]].numel == b - a:
+            out.append(sums[hit[0]])
+            continue
+        delta = torch.zeros(b - a, dtype=torch.float32, device=sums[hit[0]].device if hit else None)
+        for j in hit:
+            o, n = _offset(parts[j]), parts[j].numel
+            lo, hi = max(a, o), min(b, o + n)
+            delta[lo - a: hi - a] += sums[j][lo - o: hi - o]
+        out.append(delta)
+    return out
 
 
 def pick_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -45,7 +89,7 @@ def pick_device(model: torch.nn.Module, device: str | torch.device | None) -> to
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: torch.device, block: int,
+def _accumulate(store: UpdateStore, parts: list[LayerSpec], steps: np.ndarray, device: torch.device, block: int,
                 progress: bool, ks: list[list[int]]) -> list[list[torch.Tensor]]:
     """Σ over ``steps`` of the stored rows per layer, scatter-added on ``device`` (float32).
 
@@ -55,8 +99,8 @@ def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: tor
     prefixes are added. Steps are read in blocks of at most ``block``, every layer
     of a block in one concurrent fetch, so memory is bounded by one block.
     """
-    accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec, _ in pairs] for _ in ks]
-    names = [spec.name for spec, _ in pairs]
+    accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec in parts] for _ in ks]
+    names = [spec.name for spec in parts]
     chunks = [steps[i : i + block] for i in range(0, len(steps), block)]
     bar = None
     if progress:
@@ -71,7 +115,7 @@ def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: tor
         for i in range(len(chunks)):
             rows = pending.result()
             pending = ahead.submit(store.read, chunks[i + 1], names) if i + 1 < len(chunks) else None
-            for li, (spec, _) in enumerate(pairs):
+            for li, spec in enumerate(parts):
                 layer = rows.pop(spec.name).to(device)
                 # Stored rows are the top-k of the true update, so the top-k' of a row
                 # is exactly the top-k' of the true update (k' ≤ k).
@@ -86,17 +130,19 @@ def _accumulate(store: UpdateStore, pairs: Pairs, steps: np.ndarray, device: tor
     return accs
 
 
-def _counts_for(store: UpdateStore, pairs: Pairs, keep: Any, clip: bool = False) -> list[int]:
-    """Per-layer k' for a deletion-time keep (None: as recorded)."""
+def _counts_for(store: UpdateStore, parts: list[LayerSpec], keep: Any, clip: bool = False) -> list[int]:
+    """Per stored layer k' for a deletion-time keep (None: as recorded). A sharded store's parts are
+    pruned each on its own, as they were recorded (FORMAT.md, "Parts")."""
     if keep is None:
-        return [spec.k for spec, _ in pairs]
-    ratios = resolve_keep(keep, [spec.name for spec, _ in pairs])
+        return [spec.k for spec in parts]
+    names = [spec.name if spec.part is None else spec.part[0] for spec in parts]
+    ratios = resolve_keep(keep, list(dict.fromkeys(names)))
     out = []
-    for spec, _ in pairs:
-        k = kept_count(ratios[spec.name], spec.numel)
+    for spec, name in zip(parts, names):
+        k = kept_count(ratios[name], spec.numel)
         if k > spec.k and not clip:
             raise ConfigError(
-                f"keep {ratios[spec.name]} for layer {spec.name!r} asks for {k} entries per step, but store "
+                f"keep {ratios[name]} for layer {name!r} asks for {k} entries per step, but store "
                 f"{store.path} recorded only {spec.k} (keep {spec.keep}); choose keep ≤ {spec.keep}"
             )
         out.append(min(k, spec.k))
@@ -109,7 +155,8 @@ def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
     if some |Δ| exceeds ``max_update × (max|θ| + 1)`` of its layer: no training run moves a weight that
     far, a forged or damaged store can (finite values up to 3e38 pass every checksum one recomputes)."""
     out: list[torch.Tensor | None] = []
-    for (spec, p), delta in zip(pairs, deltas):
+    for (spec, param), delta in zip(pairs, deltas):
+        p = local_tensor(param)  # an FSDP parameter: this rank's shard
         if max_update is not None and delta.numel():
             bound = max_update * (float(p.detach().abs().max()) + 1.0)
             biggest = float(delta.abs().max())
@@ -118,7 +165,7 @@ def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
                     f"unlearning layer {spec.name!r} of store {store.path} would change a weight by {biggest:.3g}, "
                     f"more than max_update={max_update:g} × (max|θ| + 1) = {bound:.3g}: the store is probably forged "
                     "or damaged; nothing was applied (pass max_update=None to apply it anyway)")
-        new = p.detach() - delta.view(spec.shape).to(device=p.device, dtype=p.dtype)
+        new = p.detach() - delta.view(p.shape).to(device=p.device, dtype=p.dtype)
         if not torch.isfinite(new).all():
             raise NonFiniteUpdateError(
                 f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
@@ -138,12 +185,12 @@ def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
     with torch.no_grad():
         try:
             for i, (_, p) in enumerate(pairs):
-                olds.append(p.detach().clone())
-                p.copy_(new_values[i])
+                olds.append(local_tensor(p).detach().clone())
+                local_tensor(p).copy_(new_values[i])
                 new_values[i] = None
         except BaseException:
             for (_, p), old in zip(pairs, olds):
-                p.copy_(old)
+                local_tensor(p).copy_(old)
             raise
 
 
@@ -204,21 +251,35 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     if block_steps is not None and (isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 1):
         raise ConfigError(f"block_steps must be an int ≥ 1 (steps read per block) or None, got {block_steps!r}")
     pairs = store.check_model(model)
+    # An FSDP model: every rank calls this and changes its own shards; rank 0 writes the ledger and purges.
+    group = next((p.device_mesh.get_group() for _, p in pairs if is_sharded(p)), None)
+    sharded = group is not None
+    first = not sharded or torch.distributed.get_rank(group) == 0
+    if sharded and isinstance(keep, Auto):
+        raise ConfigError("keep=Auto(...) evaluates candidate models and needs an unsharded model; with FSDP, "
+                          "pass a ratio (or None)")
+    parts, targets = _targets(store, pairs)
     if block_steps is None:  # a block's decoded rows: float32 values, int64 positions (small layers), packed rows
-        per_step = sum(16 * spec.k + spec.numel // 8 for spec, _ in pairs)
+        per_step = sum(16 * spec.k + spec.numel // 8 for spec in parts)
         block_steps = max(1, min(4096, BLOCK_BYTES // max(1, per_step)))
     dev = pick_device(model, device)
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
-    ks = [_counts_for(store, pairs, r, clip=auto) for r in ratios]
-    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge),
+    ks = [_counts_for(store, parts, r, clip=auto) for r in ratios]
+    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge) and first,
                   allow_unknown_model=allow_unknown_model)
     read0 = store.bytes_read
-    chosen, table, applied = ks[0], [], False
+    best, table, applied = 0, [], False
     if not dry_run and req.hit.size:
-        news = [_new_values(store, pairs, sums, max_update) for sums in _accumulate(store, pairs, req.hit, dev, block_steps,
-                                                                         progress, ks)]
-        best = 0
+        try:
+            news = [_new_values(store, pairs, _assemble(parts, targets, sums), max_update)
+                    for sums in _accumulate(store, parts, req.hit, dev, block_steps, progress, ks)]
+        except BaseException:
+            if sharded:
+                all_ok(False, group)
+            raise
+        if sharded and not all_ok(True, group):  # nothing is applied on any rank
+            raise Failed("unlearning failed on another rank (see its error); this rank's shards are unchanged")
         if isinstance(keep, Auto):
             def build(scratch: torch.nn.Module, ratio: float) -> None:
                 params = {canonical_name(n): p for n, p in scratch.named_parameters()}
@@ -227,19 +288,21 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                         params[spec.name].copy_(value)
 
             best, table, _ = choose(model, keep, ratios, build)
-        chosen = ks[best]
         new_values = news[best]
         del news
         _safe_apply(pairs, new_values)
         applied = True
     bytes_read = store.bytes_read - read0  # before the purge, whose rewrites read chunks too
     method = "amnesiac" if all(s.k == s.numel for s in store.layers) else "partial amnesiac"
-    kept = {spec.name: k for (spec, _), k in zip(pairs, chosen)}
+    kept: dict[str, int] = {}  # entries per step of each parameter, over all its parts
+    for spec, k in zip(store.parts, _counts_for(store, list(store.parts), ratios[best], clip=auto)):
+        name = spec.name if spec.part is None else spec.part[0]
+        kept[name] = kept.get(name, 0) + k
     after = weights_fingerprint(model) if applied else req.fingerprint
 
     def commit() -> tuple[int | None, bool]:
-        entry = log(store, req, after, method=method, kept=kept) if applied and ledger else None
-        return entry, purge and purge_request(store, req, entry)
+        entry = log(store, req, after, method=method, kept=kept) if applied and ledger and first else None
+        return entry, purge and first and purge_request(store, req, entry)
 
     entry, purged, pending = None, False, None
     if defer and not dry_run:

@@ -20,12 +20,15 @@ from .records import META, sha256_json
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED",
            "STATUS_PURGED", "STATUS_NONFINITE", "PURGED_ID", "MAX_BLOCK_STEPS", "LayerSpec", "new_meta", "read_meta",
-           "model_fingerprint", "has_row_map"]
+           "model_fingerprint", "has_row_map", "SHARDED_VERSION", "logical_layers"]
 
 FORMAT_NAME = "updatestore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Format 2 adds ``steps/row``: a commit may close a shard early, so a step's layer row is looked up.
 FIRST_ROW_MAP_VERSION = 2
+#: Format 3 is a *sharded* store (FSDP): each parameter is stored as parts, one per rank that holds a
+#: shard of it; unsharded stores are still written as format 2, which older releases read.
+SHARDED_VERSION = 3
 
 #: Step status codes in ``steps/status``.
 STATUS_SKIPPED = 0  # the optimizer step did not change the parameters (e.g. AMP skipped it)
@@ -53,6 +56,9 @@ class LayerSpec:
     k: int
     positions: str  # a name in the positions codec registry: "dense" | "bitmap" | "gaps"
     chunk_rows: int
+    #: In a sharded store (format 3): ``(parameter, offset, rank)`` — this stored layer is the flat
+    #: entries ``offset .. offset+numel`` of ``parameter``, recorded by ``rank``. ``None`` otherwise.
+    part: tuple[str, int, int] | None = None
 
     @property
     def path(self) -> str:
@@ -67,6 +73,10 @@ class LayerSpec:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.part is None:
+            del d["part"]  # stores of formats 1-2 never had the key: their metadata checksums stay valid
+        else:
+            d["part"] = list(self.part)
         return d
 
     @classmethod
@@ -74,8 +84,9 @@ class LayerSpec:
         try:
             spec = cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=str(d["dtype"]),
                        numel=int(d["numel"]), keep=float(d["keep"]), k=int(d["k"]),
-                       positions=str(d["positions"]), chunk_rows=int(d["chunk_rows"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                       positions=str(d["positions"]), chunk_rows=int(d["chunk_rows"]),
+                       part=None if d.get("part") is None else (str(d["part"][0]), int(d["part"][1]), int(d["part"][2])))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise NotAStoreError(f"invalid layer entry in store metadata: {d!r} ({exc})") from None
         spec.validate()
         return spec
@@ -98,6 +109,8 @@ class LayerSpec:
             raise NotAStoreError(f"layer {name!r}: invalid positions encoding {self.positions!r}")
         if not (1 <= self.chunk_rows <= MAX_BLOCK_STEPS):
             raise NotAStoreError(f"layer {name!r}: invalid chunk_rows {self.chunk_rows}")
+        if self.part is not None and (self.part[1] < 0 or self.part[2] < 0 or self.shape != (self.numel,)):
+            raise NotAStoreError(f"layer {name!r}: invalid part {self.part}")
 
     def row_nbytes(self, value_dtype: str) -> int:
         """Uncompressed bytes of one step's row (values + positions)."""
@@ -107,8 +120,12 @@ class LayerSpec:
 
 
 def has_row_map(meta: dict[str, Any]) -> bool:
-    """Whether the store maps steps to layer rows (format ≥ 2); in format 1 row = step."""
-    return meta["format_version"] >= FIRST_ROW_MAP_VERSION
+    """Whether the store maps steps to layer rows (format 2); in formats 1 and 3 row = step.
+
+    A sharded store has no row map: its ranks commit on their own clocks, and a row map
+    shared by every part would need them to agree on when shards close.
+    """
+    return FIRST_ROW_MAP_VERSION <= meta["format_version"] < SHARDED_VERSION
 
 
 def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> str:
@@ -118,10 +135,12 @@ def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> s
 
 
 def new_meta(specs: list[LayerSpec], block: int, config: StoreConfig, fingerprint: str,
-             library_version: str) -> dict[str, Any]:
+             library_version: str, sharding: dict[str, Any] | None = None) -> dict[str, Any]:
+    extra = {} if sharding is None else {"sharding": sharding}
     return {
+        **extra,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": SHARDED_VERSION if sharding is not None else 2,
         "library_version": library_version,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -171,4 +190,50 @@ def read_meta(root: zarr.Group, where: str) -> tuple[dict[str, Any], list[LayerS
                                  f"{kept_count(s.keep, s.numel)}")
     if not isinstance(meta.get("arrays"), dict):
         raise NotAStoreError(f"{where}: metadata has no array checksums")
+    if (version == SHARDED_VERSION) != isinstance(meta.get("sharding"), dict):
+        raise NotAStoreError(f"{where}: format {version} and the metadata's 'sharding' entry disagree")
+    if version == SHARDED_VERSION:
+        _check_parts(meta["sharding"], specs, where)
+    elif any(s.part is not None for s in specs):
+        raise NotAStoreError(f"{where}: a format {version} store cannot have layer parts")
     return meta, specs
+
+
+def _check_parts(sharding: dict[str, Any], specs: list[LayerSpec], where: str) -> None:
+    """Every parameter of a sharded store is tiled exactly by its parts, in offset order: a gap would
+    silently leave entries out of unlearning, an overlap would subtract them twice."""
+    world, params = sharding.get("world"), sharding.get("params")
+    if not isinstance(world, int) or world < 1 or not isinstance(params, list) or not params:
+        raise NotAStoreError(f"{where}: invalid sharding entry {sharding!r}")
+    parts: dict[str, list[LayerSpec]] = {}
+    for s in specs:
+        if s.part is None or s.part[2] >= world:
+            raise NotAStoreError(f"{where}: layer {s.name!r} is not a valid part of a {world}-rank store")
+        parts.setdefault(s.part[0], []).append(s)
+    try:
+        shapes = {str(n): (tuple(int(x) for x in shape), str(dt)) for n, shape, dt in params}
+    except (TypeError, ValueError) as exc:
+        raise NotAStoreError(f"{where}: invalid sharding parameters: {exc}") from None
+    if set(shapes) != set(parts) or len(shapes) != len(params):
+        raise NotAStoreError(f"{where}: the sharding's parameters do not match the stored parts")
+    for name, (shape, _) in shapes.items():
+        at = 0
+        for s in parts[name]:
+            if s.part[1] != at:
+                raise NotAStoreError(f"{where}: parameter {name!r}: part {s.name!r} starts at {s.part[1]}, not {at}")
+            at += s.numel
+        if at != math.prod(shape):
+            raise NotAStoreError(f"{where}: parameter {name!r}: its parts hold {at} of {math.prod(shape)} entries")
+
+
+def logical_layers(meta: dict[str, Any], specs: list[LayerSpec]) -> list[LayerSpec]:
+    """One spec per recorded parameter: the stored specs themselves, or, in a sharded store, each
+    parameter's whole shape with ``k`` summed over its parts (not a stored array: never validated)."""
+    if "sharding" not in meta:
+        return list(specs)
+    out = []
+    for name, shape, dtype in meta["sharding"]["params"]:
+        parts = [s for s in specs if s.part[0] == name]
+        out.append(LayerSpec(name, tuple(shape), dtype, math.prod(shape), parts[0].keep, sum(s.k for s in parts),
+                             parts[0].positions, parts[0].chunk_rows))
+    return out

@@ -20,7 +20,7 @@ import zarr
 from ..errors import NotAStoreError
 
 __all__ = ["CountRecord", "JsonRecord", "COUNTS", "GENERATION", "bump_generation", "read_state", "OWNER_COUNT", "INDEX_RECORD", "LEDGER", "LEDGER_COUNT", "LINEAGE", "META",
-           "sha256_json", "read_counts"]
+           "sha256_json", "read_counts", "part_record"]
 
 
 def sha256_json(obj: Any) -> str:
@@ -113,6 +113,12 @@ LEDGER = JsonRecord("ledger", "entries", "check")
 LEDGER_COUNT = CountRecord("steps", "ledger", ("ledger_entries",), check_key="ledger_check")
 #: The lineage: where the recorded model's weights were at checkpoints and closes, and rollbacks.
 LINEAGE = JsonRecord("lineage", "events", "check")
+def part_record(rank: int) -> CountRecord:
+    """Format 3: the steps whose rows ``rank`` has written durably (its parts). The commit record never
+    runs ahead of the smallest of these, so a committed step is complete in every part."""
+    return CountRecord(f"parts/{rank}", "part", ("num_steps",))
+
+
 #: The store's self-description in the root group.
 META = JsonRecord("", "updatestore", "updatestore_sha256")
 

@@ -13,7 +13,7 @@ from ..config import StoreConfig, kept_count, resolve_keep
 from ..errors import ConfigError, CorruptStoreError, NotAStoreError
 from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, has_row_map, model_fingerprint, new_meta
-from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, sha256_json
+from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, part_record, sha256_json
 
 __all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "count_chunks", "require_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
@@ -55,12 +55,32 @@ def plan_layers(named_shapes: list[tuple[str, tuple[int, ...], str]], keep: dict
 
 
 def plan_store(named_shapes: list[tuple[str, tuple[int, ...], str]], config: StoreConfig,
-               library_version: str) -> tuple[list[LayerSpec], int, dict[str, Any]]:
-    """Layer specs, steps per block and metadata of a new store for parameters ``(name, shape, dtype)``."""
+               library_version: str, parts: dict[str, list[tuple[int, int, int]]] | None = None,
+               world: int = 1) -> tuple[list[LayerSpec], int, dict[str, Any]]:
+    """Layer specs, steps per block and metadata of a new store for parameters ``(name, shape, dtype)``.
+
+    ``parts`` (a sharded store, format 3): per parameter, its ``(rank, offset, numel)`` flat ranges in
+    offset order; each becomes a stored layer ``<name>@<rank>`` pruned on its own (FORMAT.md, "Parts").
+    """
     if not named_shapes:
         raise ConfigError("the model has no trainable parameters to record")
-    specs, block = plan_layers(named_shapes, resolve_keep(config.keep, [n for n, *_ in named_shapes]), config)
-    meta = new_meta(specs, block, config, model_fingerprint(named_shapes), library_version)
+    keep = resolve_keep(config.keep, [n for n, *_ in named_shapes])
+    if parts is None:
+        specs, block = plan_layers(named_shapes, keep, config)
+        sharding = None
+    else:
+        where = {}
+        stored = []
+        for name, _, dtype in named_shapes:
+            for rank, offset, numel in parts[name]:
+                where[f"{name}@{rank}"] = (name, offset, rank)
+                stored.append((f"{name}@{rank}", (numel,), dtype))
+        flat, block = plan_layers(stored, {n: keep[where[n][0]] for n, *_ in stored}, config)
+        specs = [LayerSpec(**{**s.__dict__, "part": where[s.name]}) for s in flat]
+        for s in specs:
+            s.validate()
+        sharding = {"world": world, "params": [[n, list(shape), dt] for n, shape, dt in named_shapes]}
+    meta = new_meta(specs, block, config, model_fingerprint(named_shapes), library_version, sharding)
     # Since 0.2 every chunk a committed step needs is written, zeros included, so that a missing
     # one is corruption rather than "all zeros" (readers of older stores check what they can).
     return specs, block, dict(meta, chunks_always_written=True)
@@ -173,8 +193,8 @@ def array_digest(arr: zarr.Array) -> str:
     return sha256_json(d)
 
 
-def _array_paths(specs: list[LayerSpec], format_version: int) -> list[str]:
-    return list(paths.vectors(format_version)) + [p for s in specs for p in s.array_paths]
+def _array_paths(specs: list[LayerSpec], meta: dict[str, Any]) -> list[str]:
+    return list(paths.vectors(has_row_map(meta))) + [p for s in specs for p in s.array_paths]
 
 
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
@@ -216,12 +236,17 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     COUNTS.write(root, 0, 0)
     OWNER_COUNT.write(root, 0)
     INDEX_RECORD.write(root, 0, 0)
+    if "sharding" in meta:
+        root.create_group(paths.PARTS)
+        for rank in range(meta["sharding"]["world"]):
+            root.create_group(f"{paths.PARTS}/{rank}")
+            part_record(rank).write(root, 0)
 
 
 def open_arrays(root: zarr.Group, meta: dict[str, Any], specs: list[LayerSpec], num_steps: int,
                 num_samples: int, where: str) -> dict[str, zarr.Array]:
     """Every array of the store, each checked against the metadata it was created with."""
-    wanted = _array_paths(specs, meta["format_version"])
+    wanted = _array_paths(specs, meta)
     if sorted(wanted) != sorted(meta["arrays"]):
         raise NotAStoreError(f"{where}: the metadata's array list does not match its layers")
     out = {}

@@ -8,9 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import RecorderError
-
-__all__ = ["world", "gather_ids", "require_writer_rank"]
+__all__ = ["world", "gather_ids"]
 
 
 def world(process_group: Any = None) -> tuple[int, int]:
@@ -34,12 +32,3 @@ def gather_ids(ids: np.ndarray, process_group: Any = None) -> np.ndarray:
     parts = [torch.zeros_like(buf) for _ in range(size)]
     dist.all_gather(parts, buf, group=process_group)
     return np.concatenate([p[: int(s)].cpu().numpy() for p, s in zip(parts, sizes)])
-
-
-def require_writer_rank(process_group: Any = None) -> None:
-    """Refuse a store-backed recorder on a DDP rank other than 0 (those only contribute IDs)."""
-    size, rank = world(process_group)
-    if size > 1 and rank != 0:
-        raise RecorderError(
-            f"with torch.distributed, rank 0 records into the store and every other rank passes store=None "
-            f"(Recorder(None, model, optimizer)); this is rank {rank} with a store")

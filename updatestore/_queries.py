@@ -1,0 +1,64 @@
+"""The sample-index queries of a store: which steps saw which samples, and whose samples they are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._index import SampleIndex, as_sample_ids, as_steps
+
+__all__ = ["Queries"]
+
+
+class Queries:
+    """Mixed into :class:`UpdateStore`; needs ``_table``, ``_owners``, ``_where``, ``_counts()`` and
+    ``_require_writable``/``_require_owner``."""
+
+    # ------------------------------------------------------------ queries
+    def _index(self) -> tuple[SampleIndex, np.ndarray]:
+        return self._table.load(*self._counts())
+
+    def batches_containing(self, ids: Any = None, *, owners: Any = None) -> np.ndarray:
+        """Sorted, unique steps whose batch held any of ``ids`` or any sample of ``owners``.
+
+        >>> store.batches_containing([3, 17, 42])      # doctest: +SKIP
+        array([  0,  12,  57, 130])
+        """
+        query = as_sample_ids([] if ids is None else ids)
+        if owners is not None:
+            query = np.union1d(query, self.samples_of(owners))
+        return self._index()[0].batches_containing(query)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Boolean mask over ``ids``: which were indexed in any step."""
+        return self._index()[0].contains(ids)
+
+    def samples_in(self, step: int) -> np.ndarray:
+        """The sample IDs of one step."""
+        index = self._index()[0]
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or not 0 <= step < index.num_steps:
+            raise IndexError(f"step {step!r} out of range: store {self._where} has {index.num_steps} steps")
+        return index.samples_in(int(step)).copy()
+
+    def samples_in_steps(self, steps: Any) -> np.ndarray:
+        """All sample IDs of the given steps, concatenated (repeats kept)."""
+        return self._index()[0].samples_in_steps(as_steps(steps, self.num_batches, where=f"store {self._where}"))
+
+    def step_status(self) -> np.ndarray:
+        """Status of every committed step: 0 skipped, 1 recorded, 2 not stored (``watch``), 3 purged."""
+        return self._index()[1].copy()
+
+    def index_owners(self, sample_ids: Any, owners: Any) -> None:
+        """Record which owner (user, document, source: an int64 key) each sample belongs to.
+
+        >>> store.index_owners(train_ids, user_of_sample)   # doctest: +SKIP
+        """
+        self._require_writable("index owners")
+        self._require_owner("index owners")
+        self._owners.append(sample_ids, owners)
+
+    def samples_of(self, owners: Any) -> np.ndarray:
+        """Sorted, unique sample IDs indexed under any of ``owners``."""
+        return self._owners.samples_of(owners)
+
