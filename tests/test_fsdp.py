@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import unlearn
 from updatestore import ConfigError, NotAStoreError, UpdateStore
@@ -171,3 +172,54 @@ def test_readme_fsdp_example_runs_under_torchrun(tmp_path):
     entry = store.ledger()[-1]  # rank 0 wrote the audit entry after the unlearned shards were saved, then purged
     assert entry["purged"] and len(entry["steps"]) > 0
     assert (tmp_path / "fsdp.ckpt1" / "store.json").exists() and (tmp_path / "fsdp.unlearned").is_dir()
+
+
+HALF = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from updatestore import UpdateStore
+rank, init, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+torch.manual_seed(0)
+model = torch.nn.Linear(6, 4, bias=False)
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))  # rank 0: output rows 0-1, rank 1: rows 2-3
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+store = UpdateStore.create(path, model, keep=1.0, value_dtype="float32")
+with store.recorder(model, opt) as rec:
+    for step in range(3):
+        with rec.batch([step * 2 + rank]):
+            opt.zero_grad()
+            model(torch.ones(2, 6))[:, 2:].pow(2).mean().backward()  # only rank 1's rows get a gradient
+            opt.step()
+store.close()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_step_with_one_rank_unchanged_is_still_recorded(tmp_path):
+    """A step's status is agreed across ranks: rank 0's shard did not move, rank 1's did."""
+    script = tmp_path / "half.py"
+    script.write_text(HALF)
+    init = f"file://{tmp_path / 'rdv'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / "half.zarr")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.communicate(timeout=120)[1] is not None and p.returncode == 0
+    store = UpdateStore.open(tmp_path / "half.zarr")
+    assert store.step_status().tolist() == [1, 1, 1]
+    for step in range(3):
+        got = dense(store, step, "weight").reshape(4, 6)
+        assert not got[:2].any() and got[2:].all()
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=3), st.integers(1, 9))
+@settings(max_examples=200, deadline=None)
+def test_shard_ranges_tile_the_parameter_as_torch_chunk_does(shape, world):
+    ranges = shard_ranges(tuple(shape), world)
+    assert ranges[0][0] == 0 and ranges[-1][1] == math.prod(shape)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    chunks = torch.arange(math.prod(shape)).reshape(shape).chunk(world, dim=0)
+    sizes = [c.numel() for c in chunks] + [0] * (world - len(chunks))
+    assert [b - a for a, b in ranges] == sizes
