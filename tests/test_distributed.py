@@ -107,3 +107,36 @@ def test_readme_ddp_example_runs_under_torchrun(tmp_path):
     assert "steps recorded" in done.stdout and "subtracted" in done.stdout
     store = UpdateStore.open(tmp_path / "ddp.zarr")
     assert store.num_samples == 3 * 1347 + 3  # DistributedSampler pads to an even split: 1348 per epoch
+
+
+BAD_ARGUMENT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from updatestore import ConfigError, OtherRankError, UpdateStore
+    rank, init, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = torch.nn.Linear(3, 2)
+    store = UpdateStore.create(path, model)
+    try:  # rank 1 alone passes a bad argument: both ranks raise, neither waits for the other
+        store.recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), commit_seconds=-1 if rank else 5)
+    except (ConfigError, OtherRankError) as exc:
+        print(type(exc).__name__)
+    with store.recorder(model, torch.optim.SGD(model.parameters(), lr=0.1)) as rec:  # and they go on in step
+        with rec.batch([rank]):
+            model(torch.ones(1, 3)).sum().backward()
+            rec._optimizer.step()
+    store.close()
+    dist.destroy_process_group()
+""")
+
+
+def test_a_bad_argument_on_one_rank_is_an_error_on_every_rank(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text(BAD_ARGUMENT)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / "s.zarr")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert [o.strip() for o, _ in outs] == ["OtherRankError", "ConfigError"]
+    store = UpdateStore.open(tmp_path / "s.zarr")
+    assert store.num_batches == 1 and sorted(store.samples_in(0).tolist()) == [0, 1]

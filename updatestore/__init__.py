@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
     CorruptStoreError,
     ModelMismatchError,
     NotAStoreError,
+    OtherRankError,
     ReadOnlyStoreError,
     RecorderError,
     SampleIdError,
@@ -58,5 +59,5 @@ __all__ = [
     # errors
     "UpdateStoreError", "StoreNotFoundError", "StoreExistsError", "NotAStoreError", "UnsupportedFormatError",
     "ConfigError", "ModelMismatchError", "ReadOnlyStoreError", "RecorderError", "SampleIdError", "StepError",
-    "WriterError", "CorruptStoreError", "StoreLockedError", "StoreBehindCheckpointError",
+    "WriterError", "CorruptStoreError", "StoreLockedError", "StoreBehindCheckpointError", "OtherRankError",
 ]

@@ -17,7 +17,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -344,16 +343,11 @@ class BlockWriter:
 
 
 class WriterSink:
-    """A recorder's sink: asks for a writer on attach (``open_writer(self)``), closes it on detach.
-
-    ``recorder`` is set by whoever pairs the sink with a recorder, so that closing
-    the store can detach it (remove its optimizer hooks) first.
-    """
+    """A recorder's sink: asks for a writer on attach (``open_writer(self)``), closes it on detach."""
 
     def __init__(self, open_writer: Callable[["WriterSink"], "BlockWriter"]) -> None:
         self._open_writer = open_writer
         self._writer: BlockWriter | None = None
-        self.recorder: Any = None
 
     def open(self) -> None:
         self._writer = self._open_writer(self)

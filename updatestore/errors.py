@@ -83,3 +83,8 @@ class StoreLockedError(UpdateStoreError, BlockingIOError):
 
 class StoreBehindCheckpointError(UpdateStoreError, RuntimeError):
     """A model checkpoint is newer than the store: steps the model received were never committed."""
+
+
+class OtherRankError(UpdateStoreError, RuntimeError):
+    """Under torch.distributed, a collective step (create, attach, checkpoint, close, unlearning)
+    failed on another rank; that rank raised the cause, this one changed nothing more."""

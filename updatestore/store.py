@@ -12,7 +12,7 @@ import zarr
 from . import __version__
 from ._backend import CountingStore, PathLike, check_exists, set_durable, open_root, prepare_new, resolve, take_lock
 from ._format import LayerSpec, check_store, committed_rows, has_row_map, create_tree, logical_layers, plan_store, read_state
-from ._index import StepTable, as_steps
+from ._index import StepTable, as_sample_ids, as_steps
 from ._owners import OwnerTable
 from ._params import match_model, named_shapes, trainable
 from ._rollback import align, check_state
@@ -63,6 +63,7 @@ class UpdateStore(Queries, Upkeep):
         self._reader = Reader(root, self._specs, self._meta, where)
         self._writer: BlockWriter | None = None
         self._sink: WriterSink | None = None
+        self._recorder: Recorder | None = None  # the last one made: close() detaches it
         self._closed = False
         self._lock = take_lock(root.store, self) if mode == "r+" and self._rank == 0 else None
 
@@ -82,12 +83,16 @@ class UpdateStore(Queries, Upkeep):
         calls it: rank 0 creates the store, the others open it once it exists. A model whose
         parameters are DTensors (FSDP2) gets a sharded store (format 3): each rank records its shard.
         """
-        config = StoreConfig(keep=keep, value_dtype=value_dtype, positions=positions,
-                             buffer_bytes=buffer_bytes, clevel=clevel)
-        size, rank = world(process_group)
-        params = trainable(model)
-        parts = plan_parts(params, size) if size > 1 and any(is_sharded(p) for _, p in params) else None
-        specs, block, meta = plan_store(named_shapes(params), config, __version__, parts, size)
+        size = world(process_group)[0]
+
+        def planned() -> tuple[StoreConfig, list[LayerSpec], int, dict[str, Any]]:
+            config = StoreConfig(keep=keep, value_dtype=value_dtype, positions=positions,
+                                 buffer_bytes=buffer_bytes, clevel=clevel)
+            params = trainable(model)
+            parts = plan_parts(params, size) if size > 1 and any(is_sharded(p) for _, p in params) else None
+            return config, *plan_store(named_shapes(params), config, __version__, parts, size)
+
+        config, specs, block, meta = run_agreed(planned, process_group, "planning the store") if size > 1 else planned()
 
         def make() -> "UpdateStore":
             store, where = resolve(path, read_only=False, storage_options=storage_options)
@@ -150,8 +155,8 @@ class UpdateStore(Queries, Upkeep):
 
     def close(self) -> None:
         """Detach the recorder (flushing pending steps) and release the lock; reading still works after."""
-        if self._sink is not None and self._sink.recorder is not None:
-            self._sink.recorder.detach()
+        if self._recorder is not None:  # every rank's, so that a collective detach runs on all of them
+            self._recorder.detach()
         if self._lock is not None:
             self._lock.release()
         self._closed = True
@@ -204,15 +209,24 @@ class UpdateStore(Queries, Upkeep):
         ``commit_seconds`` bounds what a crash loses; ``fsync=True`` makes commits survive power loss.
         Under torch.distributed every rank calls it (DDP: rank 0 writes; FSDP2: every rank its parts).
         """
-        self._require_writable("record")
         group = self._group if process_group is None else process_group
         size, rank = world(group)
         sharded = "sharding" in self._meta
-        if sharded and size != self._meta["sharding"]["world"]:
-            raise ConfigError(f"store {self._where} was created for {self._meta['sharding']['world']} ranks "
-                              f"(FSDP parts); this run has {size}. Record into a store created by this run")
-        pairs = self.check_model(model)
-        check_commit_seconds(commit_seconds)
+
+        def checked() -> list[tuple[LayerSpec, torch.nn.Parameter]]:
+            self._require_writable("record")
+            if sharded and size != self._meta["sharding"]["world"]:
+                raise ConfigError(f"store {self._where} was created for {self._meta['sharding']['world']} ranks "
+                                  f"(FSDP parts); this run has {size}. Record into a store created by this run")
+            check_commit_seconds(commit_seconds)
+            if watch is not None:
+                as_sample_ids(watch, what="watch")
+            if resume is not None:
+                check_state(resume)
+            return self.check_model(model)
+
+        # a bad argument on one rank is an error on every rank, not a hang at the first collective
+        pairs = run_agreed(checked, group, "checking store.recorder's arguments") if size > 1 else checked()
         if resume is not None:
             state = check_state(resume)
             weights = weights_fingerprint(model) if sharded or rank == 0 else None  # sharded: collective
@@ -227,17 +241,17 @@ class UpdateStore(Queries, Upkeep):
             self._table.invalidate()
             self._reader.invalidate()
         if size > 1 and rank != 0 and not sharded:  # DDP: this rank's IDs reach rank 0's writer
-            rec = Recorder(CollectiveSink(Discard(), group, rank, False), [], optimizer, watch=watch,
-                           process_group=group, model=model)
-            return rec
+            self._recorder = Recorder(CollectiveSink(Discard(), group, rank, False), [], optimizer, watch=watch,
+                                      process_group=group, model=model)
+            return self._recorder
         part = (rank, size) if sharded else None
         if sharded:  # this rank's parts, each paired with its parameter (a DTensor: the local shard is recorded)
             params = dict((spec.name, p) for spec, p in pairs)
             pairs = [(spec, params[spec.part[0]]) for spec in self._specs if spec.part[2] == rank]
         sink = WriterSink(lambda s: self._open_writer(s, commit_seconds, fsync, part))
         outer = CollectiveSink(sink, group, rank, sharded) if size > 1 else sink
-        sink.recorder = Recorder(outer, pairs, optimizer, watch=watch, process_group=group, model=model, sharded=sharded)
-        return sink.recorder
+        self._recorder = Recorder(outer, pairs, optimizer, watch=watch, process_group=group, model=model, sharded=sharded)
+        return self._recorder
 
     def _open_writer(self, sink: WriterSink, commit_seconds: float | None, fsync: bool,
                      part: tuple[int, int] | None) -> BlockWriter:

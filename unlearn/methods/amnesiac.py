@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import ConfigError, CorruptStoreError, LayerSpec, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
-from updatestore.distributed import Failed, all_ok, is_sharded, local_range, local_tensor
+from updatestore import ConfigError, CorruptStoreError, LayerSpec, OtherRankError, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
+from updatestore.distributed import all_ok, is_sharded, local_range, local_tensor
 
 from ..choice import Auto, choose, legacy_auto
 from ..errors import NonFiniteUpdateError
@@ -279,7 +279,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                 all_ok(False, group)
             raise
         if sharded and not all_ok(True, group):  # nothing is applied on any rank
-            raise Failed("unlearning failed on another rank (see its error); this rank's shards are unchanged")
+            raise OtherRankError("unlearning failed on another rank (see its error); this rank's shards are unchanged")
         if isinstance(keep, Auto):
             def build(scratch: torch.nn.Module, ratio: float) -> None:
                 params = {canonical_name(n): p for n, p in scratch.named_parameters()}

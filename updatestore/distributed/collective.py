@@ -13,15 +13,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import UpdateStoreError
+from ..errors import OtherRankError
 
-__all__ = ["all_ok", "share", "run_agreed", "Failed", "step_status"]
+__all__ = ["all_ok", "share", "run_agreed", "step_status"]
 
 T = TypeVar("T")
-
-
-class Failed(UpdateStoreError, RuntimeError):
-    """Raised on the ranks that did not fail themselves when another rank failed."""
 
 
 def _device(group: Any) -> torch.device:
@@ -45,7 +41,7 @@ def share(values: list[int] | None, n: int, group: Any) -> list[int]:
 
 def run_agreed(fn: Callable[[], T], group: Any, what: str, undo: Callable[[T], None] | None = None) -> T:
     """Run ``fn`` on this rank, then agree: this rank's error is re-raised; if another rank failed,
-    ``undo`` (given ``fn``'s result) runs here and :class:`Failed` is raised."""
+    ``undo`` (given ``fn``'s result) runs here and :class:`OtherRankError` is raised."""
     try:
         out = fn()
     except BaseException:
@@ -54,7 +50,7 @@ def run_agreed(fn: Callable[[], T], group: Any, what: str, undo: Callable[[T], N
     if not all_ok(True, group):
         if undo is not None:
             undo(out)
-        raise Failed(f"{what} failed on another rank (see its error); nothing more was done on this one")
+        raise OtherRankError(f"{what} failed on another rank (see its error); nothing more was done on this one")
     return out
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from .._writer import StepRecord
-from .collective import Failed, all_ok, run_agreed, share
+from ..errors import OtherRankError
+from .collective import all_ok, run_agreed, share
 
 __all__ = ["CollectiveSink", "Discard"]
 
@@ -60,7 +61,7 @@ class CollectiveSink:
         if error is not None:
             raise error
         if not shared[0]:
-            raise Failed("checkpointing the store failed on another rank (see its error); rank 0 committed nothing new")
+            raise OtherRankError("checkpointing the store failed on another rank (see its error); rank 0 committed nothing new")
         return shared[1], shared[2], shared[3]
 
     def close(self, weights: str | None = None) -> None:
@@ -79,5 +80,5 @@ class CollectiveSink:
         if error is not None:
             raise error
         if not others_ok:
-            raise Failed("writing the store failed on another rank (see its error); "
+            raise OtherRankError("writing the store failed on another rank (see its error); "
                          "what every rank wrote durably is committed")
