@@ -20,9 +20,9 @@ from ._index import as_sample_ids
 from ._pruning import prune_topk
 from ._writer import StepRecord
 from .distributed import gather_ids, local_tensor, world
-from .distributed.collective import step_status
+from .distributed.collective import all_ok, step_status
 from .distributed.sink import CollectiveSink, Discard
-from .errors import RecorderError
+from .errors import OtherRankError, RecorderError
 from .ledger import weights_fingerprint
 
 __all__ = ["Recorder", "StepSink"]
@@ -81,6 +81,9 @@ class Recorder:
             warnings.warn("Recorder(None, model, optimizer) on ranks > 0 is deprecated: call "
                           "UpdateStore.create(path, model) (or open(path, 'r+')) and store.recorder(model, optimizer) "
                           "on every rank", DeprecationWarning, stacklevel=2)
+            # the agreement rank 0's store.recorder(...) makes on its arguments
+            if not all_ok(True, process_group):
+                raise OtherRankError("store.recorder(...) failed on rank 0 (see its error); nothing was attached here")
             sink, params = CollectiveSink(Discard(), process_group, self._rank, sharded=False), []
         self._sink: StepSink = sink
         self._params: list[tuple[LayerSpec, torch.nn.Parameter]] = list(params)
