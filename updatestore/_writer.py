@@ -26,6 +26,7 @@ from ._codecs import positions_codec, values_codec
 from ._format import (COUNTS, OWNER_COUNT, dense_array, erase_beyond, part_record, STATUS_NONFINITE, STATUS_RECORDED,
                       STATUS_SKIPPED, LayerSpec, paths)
 from ._backend import set_durable
+from ._format.shards import ShardLayout, write_shards
 from ._lineage import append_event
 from .errors import ConfigError, RecorderError, WriterError
 
@@ -82,6 +83,7 @@ class BlockWriter:
         self._part = part
         self.owner = part is None or part[0] == 0  # writes the step table, sample IDs and commit record
         self._commit_lock = threading.Lock()
+        self._layouts: dict[str, ShardLayout] = {}
         if fsync and root.store.unsynced is None:  # on: each record is fsynced after what it vouches for
             set_durable(root.store, True)  # (CountingStore.set); already on for an fsync=True store
         self._where = where
@@ -270,13 +272,15 @@ class BlockWriter:
 
     def _write_rows(self, a: int, b: int, n: int) -> None:
         r0, r1 = self._row0, self._row0 + n
+        shards = []  # every write starts a shard (format 2: each commit a new one; 1 and 3: the block's)
         for (varr, parr), vbuf, pbuf in zip(self._arrays, self._vals, self._pos):
             for arr, buf in ((varr, vbuf), (parr, pbuf)):
                 if arr is None:
                     continue
                 if arr.shape[0] < r1:
                     arr.resize((r1,) + arr.shape[1:])
-                arr[r0:r1] = buf[:n]
+                shards.append((self._layout(arr), r0, buf[:n]))
+        write_shards(self._root.store, shards)
         if not self.owner:  # a rank > 0 of a sharded store: its parts are durable up to b
             part_record(self._part[0]).write(self._root, b)
             self._written_steps = self.committed_steps = b
@@ -306,6 +310,12 @@ class BlockWriter:
         else:
             part_record(0).write(self._root, b)
             self.recommit()
+
+    def _layout(self, arr: zarr.Array) -> ShardLayout:
+        lay = self._layouts.get(arr.path)
+        if lay is None:
+            lay = self._layouts[arr.path] = ShardLayout.of(arr)
+        return lay
 
     def recommit(self) -> None:
         """Rank 0 of a sharded store: commit every step that every rank's part record vouches for.

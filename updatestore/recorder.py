@@ -6,6 +6,7 @@ each step's pruned tensors to the sink, which encodes and writes them on its own
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -17,9 +18,9 @@ import torch
 
 from ._format import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec
 from ._index import as_sample_ids
-from ._pruning import prune_topk
+from ._deltas import Deltas
 from ._writer import StepRecord
-from .distributed import gather_ids, local_tensor, world
+from .distributed import gather_ids, world
 from .distributed.collective import all_ok, step_status
 from .distributed.sink import CollectiveSink, Discard
 from .errors import OtherRankError, RecorderError
@@ -94,13 +95,16 @@ class Recorder:
         self._in_optimizer = self._count_optimized()
         self._watch = None if watch is None else np.unique(as_sample_ids(watch, what="watch"))
         self._handles: list[Any] = []
-        self._before: list[torch.Tensor] | None = None
+        self._deltas = Deltas(self._params)
         self._pending: list[np.ndarray] = []
         self._in_batch = False
         self._steps_in_batch = 0
         self._snap_valid = False
         self._attached = False
         self.steps_recorded = 0
+        #: Seconds this recorder spent on the training thread: snapshots, Δθ and top-k, handing
+        #: steps to the writer (which then encodes and writes on its own thread).
+        self.seconds = {"snapshot": 0.0, "prune": 0.0, "hand_off": 0.0}
 
     # ------------------------------------------------------------ lifecycle
     def attach(self) -> "Recorder":
@@ -275,14 +279,11 @@ class Recorder:
         self._pending = []
         return gather_ids(ids, self._group) if self._world > 1 else ids
 
-    @torch.no_grad()
     def _snapshot(self) -> None:
-        if self._before is None:
-            self._before = [local_tensor(p).detach().clone() for _, p in self._params]
-        else:
-            for buf, (_, p) in zip(self._before, self._params):
-                buf.copy_(local_tensor(p).detach())
+        t0 = time.perf_counter()
+        self._deltas.snapshot()
         self._snap_valid = True
+        self.seconds["snapshot"] += time.perf_counter() - t0
 
     @torch.no_grad()
     def _record_step(self) -> None:
@@ -290,18 +291,12 @@ class Recorder:
         if not self._wanted([ids]):
             self._emit(StepRecord(STATUS_NOT_STORED, ids))
             return
-        if not self._snap_valid or self._before is None:
+        if not self._snap_valid:
             raise RecorderError("internal: no parameter snapshot before this step")
-        hooked = self._optimizer is not None
-        self._snap_valid = not hooked
-        rows = []
-        for buf, (spec, p) in zip(self._before, self._params):
-            # Hook mode: Δθ = θ_after − θ_before is written into the snapshot buffer (no allocation);
-            # a dense layer's values are that buffer, so they are copied before the next snapshot.
-            now = local_tensor(p).detach()
-            delta = torch.sub(now, buf, out=buf) if hooked else now - buf
-            vals, pos = prune_topk(delta, spec.k)
-            rows.append((vals.clone() if pos is None and hooked else vals, pos))
+        self._snap_valid = False  # the snapshot buffer now holds Δθ; manual mode snapshots again next
+        t0 = time.perf_counter()
+        rows = self._deltas.pruned()
+        self.seconds["prune"] += time.perf_counter() - t0
         if self._sharded:  # each rank sees only its parts: whether the step changed anything is agreed
             status = step_status([v for v, _ in rows], self._group)
             self._emit(StepRecord(status, ids, rows if status == STATUS_RECORDED else None))
@@ -310,5 +305,7 @@ class Recorder:
         self._emit(StepRecord(STATUS_RECORDED, ids, rows))
 
     def _emit(self, record: StepRecord) -> None:
+        t0 = time.perf_counter()
         self._sink.put(record)
         self.steps_recorded += 1
+        self.seconds["hand_off"] += time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""A direct reader of the standard Zarr v3 sharding layout that layer arrays use (FORMAT.md).
+"""A direct reader and writer of the standard Zarr v3 sharding layout that layer arrays use (FORMAT.md).
 
 zarr-python reads a shard through its generic codec pipeline: coroutines per inner chunk and
 an event-loop hop per call. Profiled on 100 steps of a 4.3M-parameter MLP, that pipeline
@@ -7,6 +7,12 @@ shard file holds inner chunks (Blosc → CRC32C) and ends with an index of ``n``
 ``(offset, nbytes)`` uint64 pairs plus its CRC32C — so the hot path reads it directly: whole
 shards (or runs of wanted chunks) in one request each through the store's own byte-range API,
 every CRC32C checked, Blosc decompressed in a thread pool (it releases the GIL).
+
+The writer is the same idea in reverse (profiled: zarr-python's pipeline took ≈ 140 ms a step to
+write the rows of an 11M-parameter CNN, most of it per-chunk coroutines): every commit writes whole
+shards from their first row, so each shard file is assembled here — inner chunks compressed with
+the array's own Blosc settings in the thread pool, each followed by its CRC32C, then the index —
+and put with one request.
 
 Any array whose codecs are not exactly the ones the format writes is refused, never guessed.
 """
@@ -28,7 +34,7 @@ from zarr.core.sync import sync
 from .._pool import pool
 from ..errors import UnsupportedFormatError
 
-__all__ = ["ShardLayout", "ShardError", "read_rows"]
+__all__ = ["ShardLayout", "ShardError", "read_rows", "write_shards"]
 
 
 class ShardError(ValueError):
@@ -63,6 +69,9 @@ class ShardLayout:
     def chunk_nbytes(self) -> int:
         return self.chunk_rows * self.width * self.dtype.itemsize
 
+    #: the array's Blosc settings (``numcodecs`` config), to write chunks exactly as zarr would
+    blosc_config: tuple = ()
+
     def key(self, shard: int) -> str:
         return f"{self.path}/c/{shard}/0"
 
@@ -87,8 +96,11 @@ class ShardLayout:
             raise UnsupportedFormatError(f"array {arr.path} is not laid out as FORMAT.md defines "
                                          "(sharding_indexed of bytes/blosc/crc32c, index at the end)")
         sh = codecs[0]
+        bl = sh.codecs[1]
+        config = (("cname", bl.cname.name), ("clevel", int(bl.clevel)), ("shuffle", bl.shuffle.name),
+                  ("blocksize", int(bl.blocksize)), ("typesize", int(bl.typesize or np.dtype(arr.dtype).itemsize)))
         return cls(arr.path, int(arr.shape[0]), int(arr.shape[1]), np.dtype(arr.dtype),
-                   int(md.chunk_grid.chunk_shape[0]), int(sh.chunk_shape[0]))
+                   int(md.chunk_grid.chunk_shape[0]), int(sh.chunk_shape[0]), config)
 
 
 def _little(codec: BytesCodec) -> bool:
@@ -213,3 +225,55 @@ def _capture(fn):
             return exc
         return None
     return run
+
+
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def _compressor(lay: ShardLayout):
+    from numcodecs import Blosc
+
+    c = dict(lay.blosc_config)
+    return Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=_SHUFFLE[c["shuffle"]], blocksize=c["blocksize"],
+                 typesize=c["typesize"])
+
+
+def _with_crc(data: bytes) -> bytes:
+    return data + google_crc32c.value(data).to_bytes(4, "little")
+
+
+def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]]) -> None:
+    """Write each ``(layout, first_row, rows)``: ``rows`` (``n × width``, ``first_row`` a shard's first
+    row, ``n`` ≤ its rows) become that whole shard file. Every inner chunk holding one of the rows is
+    written (zeros too, as with ``write_empty_chunks``; the last padded with zeros), later ones are
+    absent. Compression runs in the thread pool; the puts go out together."""
+    jobs = []  # (item, chunk index, bytes to compress)
+    for i, (lay, first, rows) in enumerate(items):
+        if first % lay.shard_rows or len(rows) > lay.shard_rows or rows.shape[1:] != (lay.width,):
+            raise ValueError(f"{lay.path}: rows {first}..{first + len(rows)} are not the start of a shard")
+        data = np.ascontiguousarray(rows, dtype=lay.dtype)
+        for c in range(-(-len(rows) // lay.chunk_rows)):
+            part = data[c * lay.chunk_rows: (c + 1) * lay.chunk_rows]
+            if len(part) < lay.chunk_rows:  # the fill value beyond the last row
+                part = np.concatenate([part, np.zeros((lay.chunk_rows - len(part), lay.width), lay.dtype)])
+            jobs.append((i, c, part))
+    compressors = [_compressor(lay) for lay, _, _ in items]
+    blobs = list(pool().map(lambda job: _with_crc(compressors[job[0]].encode(job[2].view(np.uint8).reshape(-1))),
+                            jobs))
+    files: list[list[bytes]] = [[] for _ in items]
+    index = [np.full((lay.chunks_per_shard, 2), _EMPTY, dtype="<u8") for lay, _, _ in items]
+    offsets = [0] * len(items)
+    for (i, c, _), blob in zip(jobs, blobs):
+        index[i][c] = (offsets[i], len(blob))
+        offsets[i] += len(blob)
+        files[i].append(blob)
+    proto = default_buffer_prototype()
+
+    async def put_all() -> None:
+        await asyncio.gather(*(
+            store.set(lay.key(first // lay.shard_rows),
+                      proto.buffer.from_bytes(b"".join(files[i]) + _with_crc(index[i].tobytes())))
+            for i, (lay, first, _) in enumerate(items)))
+
+    if items:
+        sync(put_all())

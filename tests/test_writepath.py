@@ -1,0 +1,99 @@
+"""The recording hot path: the fused CPU top-k (``_select``) against a sort oracle, and shard files
+written directly (``write_shards``) against zarr-python reading them."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from updatestore import UpdateStore
+from updatestore._format.shards import ShardLayout, read_rows, write_shards
+from updatestore._pruning import radix_select
+from updatestore._select import HISTOGRAM_MIN_NUMEL, select_segments
+
+from conftest import make_tiny, train
+
+
+def oracle(seg: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest |x| (ties: lower position first), ascending."""
+    mag = (seg.view(np.int32) & 0x7FFFFFFF).astype(np.int64)
+    return np.sort(np.lexsort((np.arange(len(seg)), -mag))[:k])
+
+
+@given(st.lists(st.integers(2, 3000), min_size=1, max_size=4), st.integers(0, 2**31), st.sampled_from(
+    ["normal", "ties", "zeros", "special"]))
+@settings(max_examples=150, deadline=None)
+def test_fused_topk_equals_a_sort_oracle(sizes, seed, kind):
+    rng = np.random.default_rng(seed)
+    sizes = np.array(sizes)
+    ks = np.array([rng.integers(1, s) for s in sizes])
+    delta = rng.standard_normal(int(sizes.sum())).astype(np.float32)
+    if kind == "ties":
+        delta = np.round(delta, 1).astype(np.float32)
+    elif kind == "zeros":
+        delta[rng.random(delta.size) < 0.7] = 0
+    elif kind == "special":
+        delta[rng.integers(0, delta.size, 3)] = [np.inf, -np.inf, -0.0]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos, vals = select_segments(delta, starts, sizes, ks)
+    o = 0
+    for s, n, k in zip(starts, sizes, ks):
+        want = oracle(delta[s:s + n], k)
+        np.testing.assert_array_equal(pos[o:o + k], want)
+        np.testing.assert_array_equal(vals[o:o + k], delta[s:s + n][want])
+        o += k
+
+
+def test_fused_topk_on_large_layers_equals_radix_select():
+    rng = np.random.default_rng(0)
+    for n in (HISTOGRAM_MIN_NUMEL, 300_001):
+        delta = rng.standard_normal(n).astype(np.float32)
+        delta[::7] = np.round(delta[::7], 2)  # ties at the threshold too
+        for k in (1, n // 10, n - 1):
+            pos, vals = select_segments(delta, np.array([0]), np.array([n]), np.array([k]))
+            np.testing.assert_array_equal(pos, radix_select(torch.from_numpy(delta), k).numpy())
+            np.testing.assert_array_equal(vals, delta[pos])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_shards_written_directly_read_back_through_zarr(tmp_path, rows):
+    root = zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    arr = root.create_array("a", shape=(0, 37), dtype="uint16", chunks=(4, 37), shards=(16, 37),
+                            compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()],
+                            fill_value=0)
+    data = np.random.default_rng(rows).integers(0, 2**16, (16 + rows, 37)).astype(np.uint16)
+    data[2] = 0  # an all-zero row is still written (its chunk exists)
+    arr.resize((16 + rows, 37))
+    lay = ShardLayout.of(arr)
+    write_shards(root.store, [(lay, 0, data[:16]), (lay, 16, data[16:])])
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "z.zarr"), mode="r")["a"][:], data)
+    assert len([f for f in (tmp_path / "z.zarr" / "a" / "c").rglob("*") if f.is_file()]) == 2  # a file a shard
+    got = read_rows(root.store, [ShardLayout.of(arr)], np.arange(16 + rows))[0]
+    np.testing.assert_array_equal(got, data)
+    with pytest.raises(ValueError, match="start of a shard"):
+        write_shards(root.store, [(lay, 3, data[:2])])
+
+
+def test_recording_is_the_same_with_the_fused_path_and_per_layer_pruning(store_path, monkeypatch):
+    """The CPU recorder (flat buffer, compiled top-k, shards written directly) stores what the
+    per-layer torch path stores (the path a GPU takes), row for row."""
+    import updatestore._deltas as deltas
+
+    stores = []
+    for fused in (True, False):
+        monkeypatch.setattr(deltas, "fusable", lambda tensors: fused)  # False: the GPU's per-layer path
+        model = make_tiny()
+        store = UpdateStore.create(store_path.parent / f"s{fused}.zarr", model, keep=0.3, value_dtype="float32")
+        train(store, model, steps=12)
+        stores.append(store)
+    a, b = stores
+    steps = np.arange(a.num_batches)
+    for spec in a.layers:
+        ra, rb = a.read(steps, [spec.name])[spec.name], b.read(steps, [spec.name])[spec.name]
+        np.testing.assert_array_equal(ra.values.numpy(), rb.values.numpy())
+        # tie order may differ (torch.topk); these updates have no ties at the threshold
+        np.testing.assert_array_equal(ra.positions.numpy(), rb.positions.numpy())
