@@ -90,3 +90,24 @@ def tiny():
 @pytest.fixture
 def store_path(tmp_path):
     return tmp_path / "run.zarr"
+
+
+def spawn_ranks(script, args_of, world=2, timeout=240):
+    """Run ``script`` as ``world`` processes (``args_of(rank)`` its arguments, strings); returns their
+    ``(returncode, stdout, stderr)`` once all have exited."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, str(script), *args_of(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def torchrun(example, *args, timeout=300):
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 example args``, completed."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(example), *map(str, args)], capture_output=True, text=True, timeout=timeout)

@@ -1,7 +1,5 @@
 """DistributedDataParallel recording: 2 CPU processes (gloo) against single-process recording."""
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -10,7 +8,7 @@ import torch
 
 import unlearn
 from updatestore import UpdateStore
-from conftest import read_rows
+from conftest import read_rows, spawn_ranks, torchrun
 
 WORKER = textwrap.dedent("""
     import sys, numpy as np, torch, torch.distributed as dist
@@ -52,11 +50,8 @@ def test_ddp_store_equals_single_process_on_the_union(tmp_path, api):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "ddp.zarr"), api],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err
+    for rc, _, err in spawn_ranks(script, lambda r: [str(r), "2", init, str(tmp_path / "ddp.zarr"), api], timeout=180):
+        assert rc == 0, err
 
     # the same run in one process, on the union of the ranks' batches
     torch.manual_seed(0)
@@ -100,9 +95,7 @@ def test_ddp_store_equals_single_process_on_the_union(tmp_path, api):
 def test_readme_ddp_example_runs_under_torchrun(tmp_path):
     from pathlib import Path
 
-    example = Path(__file__).parents[1] / "examples" / "ddp_digits.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(example), str(tmp_path / "ddp.zarr")], capture_output=True, text=True, timeout=300)
+    done = torchrun(Path(__file__).parents[1] / "examples" / "ddp_digits.py", tmp_path / "ddp.zarr")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps recorded" in done.stdout and "subtracted" in done.stdout
     store = UpdateStore.open(tmp_path / "ddp.zarr")
@@ -133,10 +126,8 @@ def test_a_bad_argument_on_one_rank_is_an_error_on_every_rank(tmp_path):
     script = tmp_path / "bad.py"
     script.write_text(BAD_ARGUMENT)
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / "s.zarr")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert [o.strip() for o, _ in outs] == ["OtherRankError", "ConfigError"]
+    done = spawn_ranks(script, lambda r: [str(r), init, str(tmp_path / "s.zarr")], timeout=120)
+    assert [rc for rc, _, _ in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
+    assert [out.strip() for _, out, _ in done] == ["OtherRankError", "ConfigError"]
     store = UpdateStore.open(tmp_path / "s.zarr")
     assert store.num_batches == 1 and sorted(store.samples_in(0).tolist()) == [0, 1]

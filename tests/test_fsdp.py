@@ -9,7 +9,6 @@ ranks, for the rows.
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import unlearn
 from updatestore import ConfigError, NotAStoreError, UpdateStore
 from updatestore.distributed import shard_ranges
 from test_errors import rewrite_meta
+from conftest import spawn_ranks, torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_worker as W  # noqa: E402
@@ -31,13 +31,11 @@ WORKER = Path(__file__).parent / "fsdp_worker.py"
 
 def run_ranks(tmp_path, world, mode, keep=1.0, expect_ok=True):
     init = f"file://{tmp_path / f'rdv-{mode}'}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), init, str(tmp_path), mode, str(keep)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=240) for p in procs]
+    done = spawn_ranks(WORKER, lambda r: [str(r), str(world), init, str(tmp_path), mode, str(keep)], world)
     if expect_ok:
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-4000:]
-    return [p.returncode for p in procs], outs
+        for rc, _, err in done:
+            assert rc == 0, err[-4000:]
+    return [rc for rc, _, _ in done], [(out, err) for _, out, err in done]
 
 
 def dense(store, step, name):
@@ -162,9 +160,7 @@ def test_fsdp_sigkill_of_one_rank_leaves_complete_steps_and_resumes(tmp_path, mo
 
 @pytest.mark.slow
 def test_readme_fsdp_example_runs_under_torchrun(tmp_path):
-    example = Path(__file__).parents[1] / "examples" / "fsdp_digits.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(example), str(tmp_path / "fsdp.zarr")], capture_output=True, text=True, timeout=300)
+    done = torchrun(Path(__file__).parents[1] / "examples" / "fsdp_digits.py", tmp_path / "fsdp.zarr")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps recorded by 2 ranks" in done.stdout and "subtracted" in done.stdout
     store = UpdateStore.open(tmp_path / "fsdp.zarr")
@@ -203,10 +199,8 @@ def test_fsdp_step_with_one_rank_unchanged_is_still_recorded(tmp_path):
     script = tmp_path / "half.py"
     script.write_text(HALF)
     init = f"file://{tmp_path / 'rdv'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / "half.zarr")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        assert p.communicate(timeout=120)[1] is not None and p.returncode == 0
+    for rc, _, err in spawn_ranks(script, lambda r: [str(r), init, str(tmp_path / "half.zarr")], timeout=120):
+        assert rc == 0, err[-2000:]
     store = UpdateStore.open(tmp_path / "half.zarr")
     assert store.step_status().tolist() == [1, 1, 1]
     for step in range(3):

@@ -6,9 +6,9 @@ import torch
 
 __all__ = ["prune_topk", "radix_select"]
 
-#: On the CPU, layers with at least this many entries use radix selection
-#: (4× faster than ``torch.topk`` + sort at 4M entries, measured in
-#: benchmarks/speed.py's recording figures); smaller ones and GPUs use topk.
+#: When a CPU float32 layer comes here (the recorder's fused CPU path, ``_select``, takes them
+#: unless some parameter lives elsewhere), layers with at least this many entries use radix
+#: selection (4× faster than ``torch.topk`` + sort at 4M entries); smaller ones and GPUs use topk.
 RADIX_MIN_NUMEL = 65536
 
 

@@ -213,7 +213,7 @@ class UpdateStore(Queries, Upkeep):
         size, rank = world(group)
         sharded = "sharding" in self._meta
 
-        def checked() -> list[tuple[LayerSpec, torch.nn.Parameter]]:
+        def checked() -> tuple[list[tuple[LayerSpec, torch.nn.Parameter]], dict[str, Any] | None]:
             self._require_writable("record")
             if sharded and size != self._meta["sharding"]["world"]:
                 raise ConfigError(f"store {self._where} was created for {self._meta['sharding']['world']} ranks "
@@ -221,14 +221,11 @@ class UpdateStore(Queries, Upkeep):
             check_commit_seconds(commit_seconds)
             if watch is not None:
                 as_sample_ids(watch, what="watch")
-            if resume is not None:
-                check_state(resume)
-            return self.check_model(model)
+            return self.check_model(model), None if resume is None else check_state(resume)
 
         # a bad argument on one rank is an error on every rank, not a hang at the first collective
-        pairs = run_agreed(checked, group, "checking store.recorder's arguments") if size > 1 else checked()
-        if resume is not None:
-            state = check_state(resume)
+        pairs, state = run_agreed(checked, group, "checking store.recorder's arguments") if size > 1 else checked()
+        if state is not None:
             weights = weights_fingerprint(model) if sharded or rank == 0 else None  # sharded: collective
 
             def align_store() -> None:
