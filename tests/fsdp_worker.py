@@ -1,6 +1,6 @@
 """One rank of an FSDP2 recording on the CPU (gloo), for tests/test_fsdp.py.
 
-python fsdp_worker.py RANK WORLD INIT OUT MODE [KEEP]
+python fsdp_worker.py RANK WORLD INIT OUT MODE [KEEP [DTYPE]]
 MODE: ``record`` (STEPS steps, then unlearn into the FSDP model), ``kill`` (checkpoint at step
 CKPT, then rank 1 SIGKILLs itself at step KILL once its writer committed), ``kill-lag`` (the same,
 but rank 1 dies with its rows since the checkpoint unwritten while rank 0 writes all of its own),
@@ -29,15 +29,15 @@ STEPS, CKPT, KILL, BATCH = 12, 6, 10, 12
 FORGET = [4, 40, 100]  # in steps 0, 1 and 2
 
 
-def build() -> torch.nn.Module:
+def build(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    return torch.nn.Sequential(torch.nn.Linear(12, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2)).to(dtype)
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The global batch of ``step`` (the same in every run)."""
     g = torch.Generator().manual_seed(1000 + step)
-    return (torch.randn(BATCH, 12, generator=g), torch.randint(0, 2, (BATCH,), generator=g),
+    return (torch.randn(BATCH, 12, generator=g).to(dtype), torch.randint(0, 2, (BATCH,), generator=g),
             torch.arange(step * BATCH, (step + 1) * BATCH) * 3 + 1)
 
 
@@ -48,9 +48,10 @@ def full(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def main() -> None:
     rank, world, init, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     keep = float(sys.argv[6]) if len(sys.argv) > 6 else 1.0
+    dtype = getattr(torch, sys.argv[7]) if len(sys.argv) > 7 else torch.float32
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (world,))
-    model = build()
+    model = build(dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -77,7 +78,7 @@ def main() -> None:
                 if mode == "kill":
                     time.sleep(0.5)  # rank 0's writer commits what both ranks wrote, then this rank dies
                 os.kill(os.getpid(), signal.SIGKILL)
-            x, y, ids = batch(step)
+            x, y, ids = batch(step, dtype)
             mine = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
             before = full(model)
             with rec.batch(ids[mine]):
