@@ -204,6 +204,12 @@ with store.recorder(model, opt) as rec:
             model(torch.ones(2, 6))[:, 2:].pow(2).mean().backward()  # only rank 1's rows get a gradient
             opt.step()
 store.close()
+plain = torch.nn.Linear(6, 4, bias=False)  # not sharded: appending to the sharded store is refused on every rank
+with UpdateStore.open(path, "r+") as again:
+    try:
+        again.recorder(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+    except Exception as exc:
+        print(type(exc).__name__, exc)
 dist.destroy_process_group()
 """
 
@@ -214,8 +220,9 @@ def test_fsdp_step_with_one_rank_unchanged_is_still_recorded(tmp_path):
     script = tmp_path / "half.py"
     script.write_text(HALF)
     init = f"file://{tmp_path / 'rdv'}"
-    for rc, _, err in spawn_ranks(script, lambda r: [str(r), init, str(tmp_path / "half.zarr")], timeout=120):
+    for rc, out, err in spawn_ranks(script, lambda r: [str(r), init, str(tmp_path / "half.zarr")], timeout=120):
         assert rc == 0, err[-2000:]
+        assert out.startswith("ConfigError") and "shard the model as when the store was created" in out, out
     store = UpdateStore.open(tmp_path / "half.zarr")
     assert store.step_status().tolist() == [1, 1, 1]
     for step in range(3):

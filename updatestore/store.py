@@ -19,7 +19,7 @@ from ._rollback import align, check_state
 from ._reader import PartRows, Reader, Rows
 from ._writer import BlockWriter, WriterSink, check_commit_seconds
 from .config import StoreConfig
-from .distributed import is_sharded, plan_parts, run_agreed, world
+from .distributed import check_parts, is_sharded, plan_parts, run_agreed, world
 from .distributed.sink import CollectiveSink, Discard
 from .errors import ConfigError, ReadOnlyStoreError, RecorderError, StepError
 from .ledger import weights_fingerprint
@@ -221,7 +221,10 @@ class UpdateStore(Queries, Upkeep):
             check_commit_seconds(commit_seconds)
             if watch is not None:
                 as_sample_ids(watch, what="watch")
-            return self.check_model(model), None if resume is None else check_state(resume)
+            pairs = self.check_model(model)
+            if sharded:
+                check_parts(self._specs, pairs, rank, size, self._where)
+            return pairs, None if resume is None else check_state(resume)
 
         # a bad argument on one rank is an error on every rank, not a hang at the first collective
         pairs, state = run_agreed(checked, group, "checking store.recorder's arguments") if size > 1 else checked()

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["is_sharded", "local_tensor", "shard_ranges", "local_range", "plan_parts"]
+__all__ = ["is_sharded", "local_tensor", "shard_ranges", "local_range", "plan_parts", "check_parts"]
 
 
 def is_sharded(p: Any) -> bool:
@@ -83,3 +83,18 @@ def plan_parts(params: list[tuple[str, Any]], world: int) -> dict[str, list[tupl
         else:
             out[name] = [(0, 0, p.numel())]
     return out
+
+
+def check_parts(parts: Any, pairs: list[tuple[Any, Any]], rank: int, world: int, where: str) -> None:
+    """This rank holds exactly the parts of a sharded store (``parts``: its stored specs) that it would
+    record for ``pairs`` (recorded parameter, model parameter): the model is sharded as at creation."""
+    for spec, p in pairs:
+        mine = [s for s in parts if s.part[0] == spec.name and s.part[2] == rank]
+        a, b = local_range(spec.name, p, world)
+        want = (mine[0].part[1], mine[0].part[1] + mine[0].numel) if mine else None
+        # no part here: an empty shard, or a replicated (plain) parameter, which rank 0 records
+        if (a, b) != want and not (want is None and (a == b or not is_sharded(p))):
+            raise ConfigError(
+                f"parameter {spec.name!r}: rank {rank} holds its entries {a}..{b}, but store {where} records "
+                + (f"entries {want[0]}..{want[1]}" if want else "none") + " on this rank; shard the model as when "
+                "the store was created (fully_shard over the same ranks)")
