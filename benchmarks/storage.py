@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from unlearn.data import load_digits
 from unlearn.models import DigitsCNN, WideCNN
-from updatestore import UpdateStore
+from updatestore import StoreConfig, UpdateStore
 
 from ._common import parser, FullLog, log2_binom, machine, md_table, pyplot, synthetic_images, write_results
 
@@ -88,7 +88,7 @@ def run_model(name: str, model: torch.nn.Module, data, *, epochs: int, batch_siz
         rows.append({
             "model": name, "params": sum(sp.numel for sp in st.layers), "steps": steps,
             "keep": s["keep"], "value_dtype": s["value_dtype"], "positions": s["positions"],
-            "encodings": sorted({sp.positions for sp in st.layers}), "clevel": s.get("clevel", 5),
+            "encodings": sorted({sp.positions for sp in st.layers}), "clevel": s.get("clevel", StoreConfig.clevel),
             "tag": s.get("tag", "main"), "store_bytes": fp.total_bytes, "index_bytes": fp.index_bytes,
             "full_log_bytes": full_bytes, "ratio": fp.total_bytes / full_bytes,
             "floor_bytes": floor_bits / 8, "floor_ratio": floor_bits / 8 / full_bytes,
@@ -101,7 +101,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    main = [r for r in rows if r["tag"] == "main" and r["clevel"] == 5]
+    main = [r for r in rows if r["tag"] == "main" and r["clevel"] == StoreConfig.clevel]
     for (model, dtype) in sorted({(r["model"], r["value_dtype"]) for r in main}):
         pts = sorted((r["keep"], r["ratio"]) for r in main if r["model"] == model and r["value_dtype"] == dtype)
         ax.plot(*zip(*pts), marker="o", label=f"{model}, {dtype}")

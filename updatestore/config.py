@@ -120,7 +120,10 @@ class StoreConfig:
         positions: ``"auto"`` (per layer, see FORMAT.md), ``"bitmap"`` or ``"gaps"``.
         buffer_bytes: how many bytes of pruned rows the writer buffers before it
             writes a block of steps; sets the steps per shard.
-        clevel: zstd level inside Blosc (1-9).
+        clevel: zstd level inside Blosc (1-9). The default 1 compresses a row 5-8× faster
+            than level 5 for ~5 % more bytes (measured on keep-0.1 bf16 rows of a 4.2M-entry
+            layer: 6.4 vs 34.5 ms a step, 0.707 vs 0.672 MB); the writer's compression competes
+            with training for the same cores, so the cheaper level is the default.
 
     >>> StoreConfig(keep=0.05).value_dtype
     'bfloat16'
@@ -130,7 +133,7 @@ class StoreConfig:
     value_dtype: str = "bfloat16"
     positions: str = "auto"
     buffer_bytes: int = 64 * 2**20
-    clevel: int = 5
+    clevel: int = 1
     _extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -70,7 +70,7 @@ class UpdateStore(Queries, Upkeep):
     @classmethod
     def create(cls, path: PathLike, model: torch.nn.Module, *, keep: float | Mapping[str, float] = 0.1,
                value_dtype: str = "bfloat16", positions: str = "auto", buffer_bytes: int = 64 * 2**20,
-               clevel: int = 5, overwrite: bool = False, fsync: bool = False,
+               clevel: int = 1, overwrite: bool = False, fsync: bool = False,
                storage_options: dict[str, Any] | None = None, process_group: Any = None) -> "UpdateStore":
         """A new, empty store for ``model``'s trainable parameters, opened ``"r+"``.
 
