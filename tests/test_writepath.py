@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from updatestore import UpdateStore
 from updatestore._format.shards import ShardLayout, read_rows, write_shards
 from updatestore._pruning import radix_select
-from updatestore._select import HISTOGRAM_MIN_NUMEL, select_segments
+import updatestore._select as _select
+from updatestore._select import HISTOGRAM_MIN_NUMEL, SAMPLE_STRIDE, SAMPLED_MIN_NUMEL, select_segments
 
 from conftest import make_tiny, train
 
@@ -55,6 +56,55 @@ def test_fused_topk_on_large_layers_equals_radix_select():
             pos, vals = select_segments(delta, np.array([0]), np.array([n]), np.array([k]))
             np.testing.assert_array_equal(pos, radix_select(torch.from_numpy(delta), k).numpy())
             np.testing.assert_array_equal(vals, delta[pos])
+
+
+def _large(kind: str, n: int, rng) -> np.ndarray:
+    x = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x, 1).astype(np.float32)
+    elif kind == "zeros":  # most entries unchanged: the threshold can be 0
+        x[rng.random(n) < 0.95] = 0
+    elif kind == "sample_too_low":  # every sampled entry tiny: the bound lets nearly everything in (overflow)
+        x[::SAMPLE_STRIDE] = 1e-30
+    elif kind == "sample_too_high":  # every sampled entry huge: fewer than k entries reach the bound
+        x[::SAMPLE_STRIDE] = 1e30
+    elif kind == "sorted":
+        x = np.sort(np.abs(x))
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sample_too_low", "sample_too_high", "sorted"])
+@pytest.mark.parametrize("keep", [1e-5, 0.1, 0.5, 0.97])
+def test_sampled_one_pass_select_is_exact(kind, keep):
+    """Large layers take the sampled one-pass select, and fall back to the full passes when the
+    sample misleads it (both directions forced here): either way the exact top-k, ties in position order."""
+    rng = np.random.default_rng(7)
+    sizes = np.array([SAMPLED_MIN_NUMEL, SAMPLED_MIN_NUMEL + 12345, 1000])
+    delta = np.concatenate([_large(kind, int(n), rng) for n in sizes])
+    ks = np.maximum(1, np.minimum(sizes - 1, np.ceil(sizes * keep).astype(np.int64)))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos, vals = select_segments(delta, starts, sizes, ks)
+    o = 0
+    for s, n, k in zip(starts, sizes, ks):
+        want = oracle(delta[s:s + n], k)
+        np.testing.assert_array_equal(pos[o:o + k], want)
+        np.testing.assert_array_equal(vals[o:o + k], delta[s:s + n][want])
+        o += k
+
+
+def test_parallel_select_equals_one_thread(monkeypatch):
+    rng = np.random.default_rng(3)
+    sizes = np.array([700_000, 300_000, 80_000, 5_000, 17])
+    delta = rng.standard_normal(int(sizes.sum())).astype(np.float32)
+    ks = np.ceil(sizes * 0.1).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    assert sizes.sum() >= _select.PARALLEL_MIN_NUMEL
+    both = select_segments(delta, starts, sizes, ks)
+    monkeypatch.setattr(_select, "workers", lambda: 1)
+    one = select_segments(delta, starts, sizes, ks)
+    for a, b in zip(both, one):
+        np.testing.assert_array_equal(a, b)
+    assert [len(g) for g in _select._groups(sizes, 2)] == [1, 4]  # the largest alone, the rest together
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
