@@ -5,6 +5,12 @@ On the CPU (float32 parameters) every layer lives in one flat buffer: a snapshot
 (``_select``), instead of ~5 torch ops per layer (measured on the digits CNN's 8 layers: the
 top-k went from 1.25 to 0.34 ms a step; ``benchmarks/speed.py`` prints the recorder's share). Elsewhere
 (a GPU, other dtypes) each layer is pruned on its device by ``_pruning.prune_topk``.
+
+On a GPU nothing here waits for the device: Δθ and its top-k are computed on the training
+stream, and ``stage`` copies the pruned rows into pinned host memory on a side stream and
+returns a CUDA event that the writer thread polls before it reads them (no host
+synchronisation on the training thread; ``tests/test_gpu.py`` runs it under
+``torch.cuda.set_sync_debug_mode("error")``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from ._pruning import prune_topk
 from ._select import select_segments
 from .distributed import local_tensor
 
-__all__ = ["Deltas", "fusable"]
+__all__ = ["Deltas", "fusable", "stage"]
 
 Row = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -87,3 +93,47 @@ class Deltas:
             else:
                 rows.append((torch.from_numpy(delta[a:a + n].copy()), None))
         return rows
+
+
+def stage(rows: list[Row]) -> tuple[list[Row], Any]:
+    """Rows on the host, and an event to wait for before reading them (``None``: readable now).
+
+    CUDA rows are copied into pinned host tensors on a side stream that first waits for the
+    training stream; ``record_stream`` keeps the device tensors' memory from being reused
+    before those copies ran. Rows elsewhere (CPU, other devices) are returned as they are.
+    """
+    cuda = [v for v, _ in rows if v.device.type == "cuda"]
+    if not cuda:
+        return rows, None
+    device = cuda[0].device
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)
+    out = []
+    with torch.cuda.stream(side):
+        for vals, pos in rows:
+            host = []
+            for t in (vals, pos):
+                if t is None or t.device.type != "cuda":
+                    host.append(t)
+                    continue
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                t.record_stream(side)
+                host.append(h)
+            out.append((host[0], host[1]))
+    ready = torch.cuda.Event()
+    ready.record(side)
+    return out, ready
+
+
+_streams: dict[int, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    # One copy stream per device for the process: creating a stream per step would leak them.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _streams.get(index)
+    if stream is None:
+        stream = _streams[index] = torch.cuda.Stream(device=index)
+    return stream

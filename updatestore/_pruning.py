@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["prune_topk", "radix_select"]
+__all__ = ["prune_topk", "radix_select", "device_select", "DEVICE_SELECT"]
 
 #: When a CPU float32 layer comes here (the recorder's fused CPU path, ``_select``, takes them
 #: unless some parameter lives elsewhere), layers with at least this many entries use radix
@@ -46,6 +46,28 @@ def radix_select(flat: torch.Tensor, k: int) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
+#: How a layer off the CPU picks its top-k, without a host synchronisation (static shapes only):
+#: ``"topk"`` (``torch.topk`` of |Δ|, then a sort of the k positions) or ``"sort"`` (a full sort
+#: of |Δ|, then the same). ``benchmarks/gpu.py`` times both on the card it runs on; "topk" stays
+#: the default until a GPU measurement says otherwise.
+DEVICE_SELECT = "topk"
+
+
+def device_select(flat: torch.Tensor, k: int, method: str = DEVICE_SELECT) -> torch.Tensor:
+    """Sorted positions of the ``k`` largest |x| of a 1-D tensor, by ``method`` (see ``DEVICE_SELECT``).
+
+    >>> device_select(torch.tensor([0.1, -3.0, 0.2, 2.0]), 2, "sort").tolist()
+    [1, 3]
+    """
+    if method == "topk":
+        idx = torch.topk(flat.abs(), k, sorted=False).indices
+    elif method == "sort":
+        idx = torch.sort(flat.abs(), descending=True).indices[:k]
+    else:
+        raise ValueError(f"method must be 'topk' or 'sort', got {method!r}")
+    return torch.sort(idx).values
+
+
 def prune_topk(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``k`` largest-|Δ| entries of ``delta`` (flattened), sorted by position.
 
@@ -62,5 +84,5 @@ def prune_topk(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor 
     if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.numel() >= RADIX_MIN_NUMEL:
         idx = radix_select(flat, k)
     else:
-        idx = torch.sort(torch.topk(flat.abs(), k, sorted=False).indices).values
+        idx = device_select(flat, k)
     return flat[idx], idx

@@ -18,7 +18,7 @@ import torch
 
 from ._format import STATUS_NOT_STORED, STATUS_RECORDED, STATUS_SKIPPED, LayerSpec
 from ._index import as_sample_ids
-from ._deltas import Deltas
+from ._deltas import Deltas, stage
 from ._writer import StepRecord
 from .distributed import gather_ids, world
 from .distributed.collective import all_ok, step_status
@@ -299,10 +299,13 @@ class Recorder:
         self.seconds["prune"] += time.perf_counter() - t0
         if self._sharded:  # each rank sees only its parts: whether the step changed anything is agreed
             status = step_status([v for v, _ in rows], self._group)
-            self._emit(StepRecord(status, ids, rows if status == STATUS_RECORDED else None))
-            return
-        # Whether the step changed anything is decided by the writer, off this thread (no device sync here).
-        self._emit(StepRecord(STATUS_RECORDED, ids, rows))
+            if status != STATUS_RECORDED:
+                self._emit(StepRecord(status, ids))
+                return
+        else:
+            status = STATUS_RECORDED  # whether the step changed anything is decided by the writer
+        rows, ready = stage(rows)  # GPU rows: copied to pinned host memory on a side stream
+        self._emit(StepRecord(status, ids, rows, ready))
 
     def _emit(self, record: StepRecord) -> None:
         t0 = time.perf_counter()
