@@ -147,3 +147,14 @@ def test_recording_is_the_same_with_the_fused_path_and_per_layer_pruning(store_p
         np.testing.assert_array_equal(ra.values.numpy(), rb.values.numpy())
         # tie order may differ (torch.topk); these updates have no ties at the threshold
         np.testing.assert_array_equal(ra.positions.numpy(), rb.positions.numpy())
+
+
+def test_select_kernels_can_load_from_numbas_cache():
+    """numba keys its on-disk cache by a function's closure, and a closure over another compiled
+    function pickles differently in every process: such kernels were compiled anew (≈ 15 s) by every
+    process. The select kernels are module-level functions with no closure."""
+    from updatestore import _select_jit
+
+    for kernel in (_select_jit.select, _select_jit.sampled, _select_jit.threshold):
+        assert kernel.py_func.__closure__ is None
+        assert kernel._cache.__class__.__name__ == "FunctionCache"  # cache=True

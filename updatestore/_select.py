@@ -35,105 +35,7 @@ _compiled: list = []
 def _kernel():
     with _lock:
         if not _compiled:
-            import numba
-
-            @numba.njit(nogil=True, cache=True)
-            def _threshold(bits, a, n, k, w1, w2, w3):  # pragma: no cover - compiled
-                # The k-th largest |x| (as int bits) of bits[a:a+n] and how many entries equal to it
-                # to keep: a radix select from the most significant bits, one histogram per level.
-                t, above, shift, known = 0, 0, 31, 0
-                for width in (w1, w2, w3):
-                    if width == 0:
-                        break
-                    shift -= width
-                    hist = np.zeros(1 << width, np.int64)
-                    mask = (1 << width) - 1
-                    for j in range(a, a + n):
-                        v = bits[j] & 0x7FFFFFFF
-                        if (v >> (shift + width)) == known:
-                            hist[(v >> shift) & mask] += 1
-                    c = mask
-                    while above + hist[c] < k:
-                        above += hist[c]
-                        c -= 1
-                    known = (known << width) | c
-                t = known << shift
-                return t, k - above
-
-            @numba.njit(nogil=True, cache=True)
-            def _sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min):  # pragma: no cover - compiled
-                # One pass instead of three: a strided sample gives a bound t_lo that at least k entries
-                # reach (with margin); every entry >= t_lo is copied out in position order, and the exact
-                # threshold is found among those candidates only. All of the top k are >= t_lo once the
-                # candidates number >= k, so the result is exact; otherwise (False) the caller does the
-                # full three passes.
-                m = n // SAMPLE_STRIDE
-                sample = np.empty(m, np.int32)
-                for i in range(m):
-                    sample[i] = bits[a + i * SAMPLE_STRIDE] & 0x7FFFFFFF
-                exp = k * m / n
-                r = int(exp + 4.0 * np.sqrt(exp) + 8.0)  # rank from the top, ~4 sigma above the expected
-                if r >= m:
-                    return False
-                t_lo = np.partition(sample, m - 1 - r)[m - 1 - r]
-                cap = k + 2 * (r - int(exp)) * SAMPLE_STRIDE + 1024
-                cand_pos = np.empty(cap + 1, np.int64)
-                cand_bits = np.empty(cap + 1, np.int32)
-                c = 0
-                for j in range(n):
-                    # branch-free: always write the slot, advance only past a candidate (a taken/not
-                    # taken branch at ~10 % mispredicts; this loop was 1.4x slower with one)
-                    v = bits[a + j] & 0x7FFFFFFF
-                    cand_pos[c] = j
-                    cand_bits[c] = v
-                    c += v >= t_lo
-                    if c == cap:
-                        return False
-                if c < k:
-                    return False
-                if c >= hist_min:
-                    t, ties = _threshold(cand_bits, 0, c, k, 16, 15, 0)
-                else:
-                    t, ties = _threshold(cand_bits, 0, c, k, 11, 11, 9)
-                w = o
-                for i in range(c):
-                    v = cand_bits[i]
-                    if v > t or (v == t and ties > 0):
-                        if v == t:
-                            ties -= 1
-                        if w == o + k:
-                            raise ValueError("top-k selection kept too many entries")
-                        out_pos[w] = cand_pos[i]
-                        out_vals[w] = delta[a + cand_pos[i]]
-                        w += 1
-                if w != o + k:
-                    raise ValueError("top-k selection kept too few entries")
-                return True
-
-            @numba.njit(nogil=True, cache=True)
-            def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min):  # pragma: no cover - compiled
-                bits = delta.view(np.int32)
-                for i in range(starts.size):
-                    a, n, k, o = starts[i], sizes[i], ks[i], offsets[i]
-                    if n >= SAMPLED_MIN_NUMEL and _sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min):
-                        continue
-                    if n >= hist_min:  # threshold from the top 16 bits of |x|, then the low 15
-                        t, ties = _threshold(bits, a, n, k, 16, 15, 0)
-                    else:  # three passes of 11, 11 and 9 bits: small histograms to clear
-                        t, ties = _threshold(bits, a, n, k, 11, 11, 9)
-                    w = o
-                    for j in range(n):
-                        v = bits[a + j] & 0x7FFFFFFF
-                        if v > t or (v == t and ties > 0):
-                            if v == t:
-                                ties -= 1
-                            if w == o + k:  # never write past this segment's k (numba checks no bounds)
-                                raise ValueError("top-k selection kept too many entries")
-                            out_pos[w] = j
-                            out_vals[w] = delta[a + j]
-                            w += 1
-                    if w != o + k:  # cannot happen for a consistent threshold; never hand on a short row
-                        raise ValueError("top-k selection kept too few entries")
+            from ._select_jit import select
 
             _compiled.append(select)
         return _compiled[0]
@@ -177,9 +79,10 @@ def select_segments(delta: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ks
     kernel = _kernel()
     threads = workers() if int(sizes.sum()) >= PARALLEL_MIN_NUMEL and len(sizes) > 1 else 1
     if threads == 1:
-        kernel(delta, starts, sizes, ks, offsets, pos, vals, HISTOGRAM_MIN_NUMEL)
+        kernel(delta, starts, sizes, ks, offsets, pos, vals, HISTOGRAM_MIN_NUMEL, SAMPLED_MIN_NUMEL, SAMPLE_STRIDE)
         return pos, vals
     # Segments write disjoint ranges of pos/vals (their offsets): groups run concurrently (nogil).
-    run = lambda g: kernel(delta, starts[g], sizes[g], ks[g], offsets[g], pos, vals, HISTOGRAM_MIN_NUMEL)  # noqa: E731
+    run = lambda g: kernel(delta, starts[g], sizes[g], ks[g], offsets[g], pos, vals,  # noqa: E731
+                          HISTOGRAM_MIN_NUMEL, SAMPLED_MIN_NUMEL, SAMPLE_STRIDE)
     list(pool().map(run, _groups(sizes, threads)))
     return pos, vals
