@@ -17,7 +17,8 @@ from updatestore import UpdateStore
 from updatestore._pruning import device_select
 from updatestore._writer import _wait
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 class _LateEvent:
