@@ -5,6 +5,7 @@ new encoding plugs into; pruning and the index through the modules that own them
 """
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -185,3 +186,39 @@ def test_read_plan_selects_exactly_the_steps(steps, chunk_rows):
     rows = np.concatenate([np.arange(s.start, s.stop) for s in spans])
     got = rows if keep is None else rows[keep]
     np.testing.assert_array_equal(got, sel)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from updatestore import UpdateStore
+
+    model = torch.nn.Linear(64, 64)
+    store = UpdateStore.create(tmp_path_factory.mktemp("g") / "s.zarr", model, keep=1.0, buffer_bytes=1 << 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with store.recorder(model, opt) as rec:
+        for i in range(40):
+            with rec.batch([i]):
+                opt.zero_grad()
+                model(torch.randn(4, 64)).square().mean().backward()
+                opt.step()
+    yield store
+    store.close()
+
+
+@given(st.lists(st.integers(0, 39), unique=True, min_size=1), st.integers(1, 12))
+@settings(max_examples=120, deadline=None)
+def test_read_groups_cut_at_shards(small_shards, steps, max_steps):
+    store = small_shards
+    block = store._meta["block_steps"]
+    assert 1 < block < 40  # several shards, several steps each
+    steps = np.sort(np.array(steps))
+    groups = store.read_groups(steps, max_steps)
+    np.testing.assert_array_equal(np.concatenate(groups), steps)
+    assert all(1 <= len(g) <= max_steps for g in groups)
+    rows = store._table.rows
+    shards = [set((rows[g] // block).tolist()) for g in groups]
+    for i in range(len(groups) - 1):  # a shard in two groups only if it alone holds more than max_steps
+        for s in shards[i] & shards[i + 1]:
+            assert np.sum(rows[steps] // block == s) > max_steps
+    with pytest.raises(ValueError, match="max_steps"):
+        store.read_groups(steps, 0)

@@ -45,6 +45,34 @@ class Queries:
         """All sample IDs of the given steps, concatenated (repeats kept)."""
         return self._index()[0].samples_in_steps(as_steps(steps, self.num_batches, where=f"store {self._where}"))
 
+    def read_groups(self, steps: Any, max_steps: int) -> list[np.ndarray]:
+        """Sorted, unique ``steps`` cut into groups to read one after another: at most ``max_steps``
+        each, cut where a shard ends, so no shard file is fetched for two groups (a shard holding
+        more than ``max_steps`` of the steps is itself cut).
+
+        >>> [g.tolist() for g in store.read_groups([1, 2, 70, 71], 3)]   # doctest: +SKIP
+        [[1, 2], [70, 71]]
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        steps = as_steps(steps, self.num_batches, where=f"store {self._where}")
+        if (np.diff(steps) <= 0).any():
+            raise ValueError(f"steps must be sorted and unique to group them for reading from store {self._where}")
+        self._index()  # loads the step → row map
+        shard = self._table.rows[steps] // self._meta["block_steps"]
+        bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(steps)]
+        groups, start = [], 0
+        for a, b in zip(bounds[:-1], bounds[1:]):  # steps[a:b] share one shard
+            if b - start > max_steps and a > start:
+                groups.append(steps[start:a])
+                start = a
+            while b - start > max_steps:
+                groups.append(steps[start:start + max_steps])
+                start += max_steps
+        if start < len(steps):
+            groups.append(steps[start:])
+        return groups
+
     def step_status(self) -> np.ndarray:
         """Status of every committed step: 0 skipped, 1 recorded, 2 not stored (``watch``), 3 purged."""
         return self._index()[1].copy()

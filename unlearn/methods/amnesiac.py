@@ -96,12 +96,12 @@ def _accumulate(store: UpdateStore, parts: list[LayerSpec], steps: np.ndarray, d
     ``ks`` lists candidates, each a per-layer count k' ≤ k: a candidate sums only
     the k' largest-|value| entries of each stored row. All candidates come from
     one pass over the rows: each row is sorted by magnitude once and the nested
-    prefixes are added. Steps are read in blocks of at most ``block``, every layer
-    of a block in one concurrent fetch, so memory is bounded by one block.
+    prefixes are added. Steps are read in blocks of at most ``block`` (cut where shards end),
+    every layer of a block in one concurrent fetch, so memory is bounded by one block.
     """
     accs = [[torch.zeros(spec.numel, dtype=torch.float32, device=device) for spec in parts] for _ in ks]
     names = [spec.name for spec in parts]
-    chunks = [steps[i : i + block] for i in range(0, len(steps), block)]
+    chunks = store.read_groups(steps, block)  # cut at shard ends: each shard file is fetched once
     bar = None
     if progress:
         from tqdm.auto import tqdm
