@@ -23,6 +23,18 @@ def oracle(seg: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.lexsort((np.arange(len(seg)), -mag))[:k])
 
 
+def assert_exact_topk(delta: np.ndarray, sizes: np.ndarray, ks: np.ndarray) -> None:
+    """``select_segments`` gives every segment's oracle top-k, positions and values."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos, vals = select_segments(delta, starts, sizes, ks)
+    o = 0
+    for s, n, k in zip(starts, sizes, ks):
+        want = oracle(delta[s:s + n], k)
+        np.testing.assert_array_equal(pos[o:o + k], want)
+        np.testing.assert_array_equal(vals[o:o + k], delta[s:s + n][want])
+        o += k
+
+
 @given(st.lists(st.integers(2, 3000), min_size=1, max_size=4), st.integers(0, 2**31), st.sampled_from(
     ["normal", "ties", "zeros", "special"]))
 @settings(max_examples=150, deadline=None)
@@ -37,14 +49,7 @@ def test_fused_topk_equals_a_sort_oracle(sizes, seed, kind):
         delta[rng.random(delta.size) < 0.7] = 0
     elif kind == "special":
         delta[rng.integers(0, delta.size, 3)] = [np.inf, -np.inf, -0.0]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    pos, vals = select_segments(delta, starts, sizes, ks)
-    o = 0
-    for s, n, k in zip(starts, sizes, ks):
-        want = oracle(delta[s:s + n], k)
-        np.testing.assert_array_equal(pos[o:o + k], want)
-        np.testing.assert_array_equal(vals[o:o + k], delta[s:s + n][want])
-        o += k
+    assert_exact_topk(delta, sizes, ks)
 
 
 def test_fused_topk_on_large_layers_equals_radix_select():
@@ -82,14 +87,7 @@ def test_sampled_one_pass_select_is_exact(kind, keep):
     sizes = np.array([SAMPLED_MIN_NUMEL, SAMPLED_MIN_NUMEL + 12345, 1000])
     delta = np.concatenate([_large(kind, int(n), rng) for n in sizes])
     ks = np.maximum(1, np.minimum(sizes - 1, np.ceil(sizes * keep).astype(np.int64)))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    pos, vals = select_segments(delta, starts, sizes, ks)
-    o = 0
-    for s, n, k in zip(starts, sizes, ks):
-        want = oracle(delta[s:s + n], k)
-        np.testing.assert_array_equal(pos[o:o + k], want)
-        np.testing.assert_array_equal(vals[o:o + k], delta[s:s + n][want])
-        o += k
+    assert_exact_topk(delta, sizes, ks)
 
 
 def test_parallel_select_equals_one_thread(monkeypatch):
