@@ -15,11 +15,13 @@ __all__ = ["select", "sampled", "threshold"]
 
 
 @numba.njit(nogil=True, cache=True)
-def threshold(bits, a, n, k, w1, w2, w3):  # pragma: no cover - compiled
+def threshold(bits, a, n, k, hist_min):  # pragma: no cover - compiled
     # The k-th largest |x| (as int bits) of bits[a:a+n] and how many entries equal to it
-    # to keep: a radix select from the most significant bits, one histogram per level.
+    # to keep: a radix select from the most significant bits, one histogram per level —
+    # 16 then 15 bits from hist_min entries on, else 11, 11 and 9 (small histograms to clear).
+    widths = (16, 15, 0) if n >= hist_min else (11, 11, 9)
     t, above, shift, known = 0, 0, 31, 0
-    for width in (w1, w2, w3):
+    for width in widths:
         if width == 0:
             break
         shift -= width
@@ -68,10 +70,7 @@ def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pr
             return False
     if c < k:
         return False
-    if c >= hist_min:
-        t, ties = threshold(cand_bits, 0, c, k, 16, 15, 0)
-    else:
-        t, ties = threshold(cand_bits, 0, c, k, 11, 11, 9)
+    t, ties = threshold(cand_bits, 0, c, k, hist_min)
     w = o
     for i in range(c):
         v = cand_bits[i]
@@ -94,10 +93,7 @@ def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min, sampl
         a, n, k, o = starts[i], sizes[i], ks[i], offsets[i]
         if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):
             continue
-        if n >= hist_min:  # threshold from the top 16 bits of |x|, then the low 15
-            t, ties = threshold(bits, a, n, k, 16, 15, 0)
-        else:  # three passes of 11, 11 and 9 bits: small histograms to clear
-            t, ties = threshold(bits, a, n, k, 11, 11, 9)
+        t, ties = threshold(bits, a, n, k, hist_min)
         w = o
         for j in range(n):
             v = bits[a + j] & 0x7FFFFFFF
