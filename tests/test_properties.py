@@ -220,5 +220,10 @@ def test_read_groups_cut_at_shards(small_shards, steps, max_steps):
     for i in range(len(groups) - 1):  # a shard in two groups only if it alone holds more than max_steps
         for s in shards[i] & shards[i + 1]:
             assert np.sum(rows[steps] // block == s) > max_steps
-    with pytest.raises(ValueError, match="max_steps"):
+    from updatestore import ConfigError, StepError
+
+    with pytest.raises(ConfigError, match="max_steps"):
         store.read_groups(steps, 0)
+    if len(steps) > 1:
+        with pytest.raises(StepError, match="sorted"):
+            store.read_groups(steps[::-1], max_steps)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._index import SampleIndex, as_sample_ids, as_steps
+from .errors import ConfigError, StepError
 
 __all__ = ["Queries"]
 
@@ -54,10 +55,10 @@ class Queries:
         [[1, 2], [70, 71]]
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+            raise ConfigError(f"max_steps must be an int >= 1 (steps read per group), got {max_steps!r}")
         steps = as_steps(steps, self.num_batches, where=f"store {self._where}")
         if (np.diff(steps) <= 0).any():
-            raise ValueError(f"steps must be sorted and unique to group them for reading from store {self._where}")
+            raise StepError(f"steps must be sorted and unique to group them for reading from store {self._where}")
         self._index()  # loads the step → row map
         shard = self._table.rows[steps] // self._meta["block_steps"]
         bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(steps)]
