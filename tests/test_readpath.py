@@ -13,7 +13,7 @@ import unlearn
 from updatestore import CorruptStoreError, UpdateStore
 from updatestore._codecs import positions_codec
 from updatestore._format.shards import ShardLayout, read_rows
-from updatestore._kernels import _add_numba, _add_torch
+from updatestore._kernels import _add_numba, _add_torch, add_packed, as_tensor
 
 from conftest import make_tiny, oracle_after, steps_with, train
 
@@ -43,6 +43,24 @@ def test_kernels_equal_a_numpy_scatter(numel, keep, n, seed, codec):
         out = torch.zeros(numel)
         add(out)
         np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(1, 3000), st.floats(0.01, 1.0), st.integers(1, 4), st.integers(0, 2**31),
+       st.sampled_from(["bitmap", "gaps"]), st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=60, deadline=None)
+def test_kernels_add_stored_values_exactly_as_their_float32_widening(numel, keep, n, seed, codec, dtype):
+    """Values are summed as stored (bfloat16 bits widened inside the kernel, float16 by torch): the
+    result is bit-identical to summing their float32 widening."""
+    k = max(1, min(numel, int(keep * numel)))
+    packed, vals, _ = _rows(numel, k, n, seed, codec)
+    stored = (vals * 1e-3).to(dtype)
+    stored[0, 0] = -stored[0, 0]  # a sign bit set, whatever the draw
+    for add in (lambda out, v: _add_numba(out, packed, v, codec),
+                lambda out, v: add_packed(out, torch.from_numpy(packed) if codec == "bitmap" else as_tensor(packed), v, codec)):
+        want, got = torch.zeros(numel), torch.zeros(numel)
+        add(want, stored.float())
+        add(got, stored)
+        assert torch.equal(got, want)
 
 
 def test_large_rows_split_across_threads_add_in_row_order(monkeypatch):

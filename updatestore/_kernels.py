@@ -46,13 +46,17 @@ def _kernels() -> dict[str, object]:
             one, s1, s2, s4, s58 = np.uint64(1), np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(58)
 
             @numba.njit(nogil=True, cache=True)
-            def bitmap_add(acc, bits, vals, lo, hi, start):  # pragma: no cover - compiled
+            def bitmap_add(acc, bits, vals, shift, lo, hi, start):  # pragma: no cover - compiled
                 # words [lo, hi) of every row (the tail bytes too when hi is the last word);
-                # start[s] = set bits of row s before word lo, i.e. the index of its next value
+                # start[s] = set bits of row s before word lo, i.e. the index of its next value.
+                # vals are float32 bits (uint32, shift 0) or bfloat16 bits (uint16, shift 16),
+                # widened here: a block never holds a float32 copy of its bfloat16 values.
                 n, w = bits.shape
                 k = vals.shape[1]
                 numel = acc.size
                 nw = w // 8
+                word = np.empty(1, np.uint32)
+                real = word.view(np.float32)
                 for s in range(n):
                     row = bits[s]
                     v = vals[s]
@@ -70,7 +74,8 @@ def _kernels() -> dict[str, object]:
                             p = base + table[((x & (~x + one)) * debruijn) >> s58]
                             if j >= k or p >= numel:
                                 return s
-                            acc[p] += v[j]
+                            word[0] = np.uint32(v[j]) << shift
+                            acc[p] += real[0]
                             j += 1
                             x &= x - one
                     if hi == nw:
@@ -81,22 +86,26 @@ def _kernels() -> dict[str, object]:
                                     p = i * 8 + b
                                     if j >= k or p >= numel:
                                         return s
-                                    acc[p] += v[j]
+                                    word[0] = np.uint32(v[j]) << shift
+                                    acc[p] += real[0]
                                     j += 1
                 return -1
 
             @numba.njit(nogil=True, cache=True)
-            def gaps_add(acc, gaps, vals, lo, hi, start):  # pragma: no cover - compiled
-                # columns [lo, hi) of every row; start[s] = position before column lo
+            def gaps_add(acc, gaps, vals, shift, lo, hi, start):  # pragma: no cover - compiled
+                # columns [lo, hi) of every row; start[s] = position before column lo; vals as above
                 n = gaps.shape[0]
                 numel = acc.size
+                word = np.empty(1, np.uint32)
+                real = word.view(np.float32)
                 for s in range(n):
                     p = start[s]
                     for j in range(lo, hi):
                         p += gaps[s, j]
                         if p >= numel:
                             return s
-                        acc[p] += vals[s, j]
+                        word[0] = np.uint32(vals[s, j]) << shift
+                        acc[p] += real[0]
                 return -1
 
             _compiled.update(bitmap=bitmap_add, gaps=gaps_add)
@@ -105,7 +114,12 @@ def _kernels() -> dict[str, object]:
 
 def _add_numba(out: torch.Tensor, packed: np.ndarray, values: torch.Tensor, codec: str) -> None:
     kernel = _kernels()[codec]
-    acc, vals = out.numpy(), values.numpy()
+    acc = out.numpy()
+    # the kernels take the values' bits: bfloat16 as stored (no float32 copy), anything else as float32
+    if values.dtype == torch.bfloat16:
+        vals, shift = values.view(torch.int16).numpy().view(np.uint16), 16
+    else:
+        vals, shift = values.float().numpy().view(np.uint32), 0
     n = packed.shape[0]
     # Units a row is split at: 64-bit words of a bitmap, columns of gaps.
     units = packed.shape[1] // 8 if codec == "bitmap" else packed.shape[1]
@@ -119,7 +133,7 @@ def _add_numba(out: torch.Tensor, packed: np.ndarray, values: torch.Tensor, code
         count = lambda a, b: packed[:, a:b].sum(axis=1, dtype=np.int64)  # noqa: E731
     before = np.cumsum([np.zeros(n, np.int64)] + [count(a, b) for a, b in zip(cuts[:-2], cuts[1:-1])], axis=0)
     tasks = [(cuts[i], cuts[i + 1], before[i]) for i in range(parts)]
-    run = lambda t: kernel(acc, packed, vals, t[0], t[1], t[2])  # noqa: E731
+    run = lambda t: kernel(acc, packed, vals, shift, t[0], t[1], t[2])  # noqa: E731
     bad = list(pool().map(run, tasks)) if parts > 1 else [run(tasks[0])]
     if any(b >= 0 for b in bad):
         raise ValueError("a stored row has positions beyond the layer or more than k of them")
@@ -152,11 +166,12 @@ def as_tensor(packed: np.ndarray) -> torch.Tensor:
 def add_packed(out: torch.Tensor, packed: np.ndarray | torch.Tensor, values: torch.Tensor, codec: str) -> None:
     """``out += Σ_rows scatter(positions(row), values[row])`` for ``bitmap``/``gaps`` rows.
 
-    ``packed`` holds the stored rows (validated by the reader); ``out`` is flat float32.
+    ``packed`` holds the stored rows (validated by the reader); ``out`` is flat float32; ``values``
+    float32, or bfloat16/float16 as stored (widened while they are added).
     """
     if out.device.type == "cpu" and out.numel() >= NUMBA_MIN_NUMEL and isinstance(packed, np.ndarray):
         _add_numba(out, np.ascontiguousarray(packed), values.contiguous(), codec)
     else:
         if isinstance(packed, np.ndarray):
             packed = as_tensor(packed).to(out.device)
-        _add_torch(out, packed, values.to(out.device), codec, out.numel())
+        _add_torch(out, packed, values.to(out.device).float(), codec, out.numel())

@@ -22,7 +22,8 @@ __all__ = ["Rows", "PartRows", "Reader", "read_plan"]
 class Rows:
     """Decoded rows of one layer for some steps: the same type for every layer, dense included.
 
-    ``values`` is float32 ``(n, k)``; ``positions`` is int64 ``(n, k)`` flat indices into
+    ``values`` is float32 ``(n, k)`` (``stored``: the same values in the store's value dtype, which
+    ``sum`` adds without widening a copy); ``positions`` is int64 ``(n, k)`` flat indices into
     the parameter, decoded from the stored rows (``packed``) only when asked for: ``sum``
     adds straight from the packed rows (for a dense layer, positions are a broadcast view of
     ``0..numel-1`` that takes no memory). Steps without a stored update (skipped, not stored,
@@ -34,7 +35,7 @@ class Rows:
 
     layer: str
     steps: np.ndarray
-    values: torch.Tensor
+    stored: torch.Tensor
     numel: int
     dense: bool
     codec: str = "dense"
@@ -43,25 +44,29 @@ class Rows:
     recorded: np.ndarray | None = None
 
     @cached_property
+    def values(self) -> torch.Tensor:
+        return self.stored.float()
+
+    @cached_property
     def positions(self) -> torch.Tensor:
-        n, k = self.values.shape
+        n, k = self.stored.shape
         if self.dense or self.packed is None:
-            return torch.arange(k, device=self.values.device).expand(n, k)
+            return torch.arange(k, device=self.stored.device).expand(n, k)
         host = self.packed if isinstance(self.packed, np.ndarray) else self.packed.cpu().numpy()
         pos = np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)).copy()
         if self.recorded.any():
             pos[self.recorded] = positions_codec(self.codec).decode(host[self.recorded], self.numel, k)
-        return torch.from_numpy(pos).to(self.values.device)
+        return torch.from_numpy(pos).to(self.stored.device)
 
     def to(self, device: torch.device | str) -> "Rows":
-        """The rows on ``device``: the values and the packed rows are copied, positions are decoded there."""
+        """The rows on ``device``: the stored values and the packed rows are copied, positions are decoded there."""
         device = torch.device(device)
-        if device.type == "cpu" and self.values.device.type == "cpu":
+        if device.type == "cpu" and self.stored.device.type == "cpu":
             return self
         packed = as_tensor(self.packed) if isinstance(self.packed, np.ndarray) else self.packed
         if packed is not None:
             packed = packed.to(device, non_blocking=True)
-        return Rows(self.layer, self.steps, self.values.to(device, non_blocking=True), self.numel, self.dense,
+        return Rows(self.layer, self.steps, self.stored.to(device, non_blocking=True), self.numel, self.dense,
                     self.codec, packed, self.recorded)
 
     def sum(self, out: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,10 +79,10 @@ class Rows:
             values, positions = self.values.gather(1, columns), self.positions.gather(1, columns)
             return out.index_add_(0, positions.reshape(-1), values.reshape(-1))
         if self.dense:
-            return out.add_(self.values.sum(0))
+            return out.add_(self.stored.sum(0, dtype=torch.float32))
         if out.device.type == "cpu" and self.numel < NUMBA_MIN_NUMEL:  # small: NumPy decode is fast enough
             return out.index_add_(0, self.positions.reshape(-1), self.values.reshape(-1))
-        add_packed(out, self.packed, self.values, self.codec)
+        add_packed(out, self.packed, self.stored, self.codec)
         return out
 
 
@@ -226,14 +231,16 @@ class Reader:
         for r in (raw_v, raw_p):
             if isinstance(r, BaseException):
                 raise r
-        values = self._values.to_torch(raw_v)
+        values = self._values.as_tensor(raw_v)
         if (~recorded).any() and values[torch.from_numpy(~recorded)].any():
             raise CorruptStoreError(f"store {self._where}: layer {spec.name!r} holds values "
                                     f"for steps {what} that have no stored update")
         codec = positions_codec(spec.positions)
         if not codec.stored:
             return Rows(spec.name, steps, values, spec.numel, True)
-        if recorded.any():
+        if recorded.all():  # no fancy-indexed copy of every row in the common case
+            codec.check(raw_p, spec.numel, spec.k)
+        elif recorded.any():
             codec.check(raw_p[recorded], spec.numel, spec.k)
         if not recorded.all():
             raw_p[~recorded] = 0  # kernels read them: nothing stored there, nothing added

@@ -130,15 +130,16 @@ def _accumulate(store: UpdateStore, parts: list[LayerSpec], steps: np.ndarray, d
     return accs
 
 
-def _row_bytes(spec: LayerSpec) -> int:
-    """Memory one step of a layer takes once read: float32 values, the packed positions row, and int64
-    positions where they are decoded (layers small enough for NumPy; large ones are summed from the
-    packed row). Counting int64 positions for every layer made blocks of one step for a 29.5M-parameter
-    GPT, and the per-call cost of 100 layers then dominated unlearning (4.5 s against 1.8 s for 24 steps)."""
+def _row_bytes(spec: LayerSpec, value_bytes: int) -> int:
+    """Memory one step of a layer takes once read: the values as stored (``value_bytes`` each) and the
+    packed positions row; small layers (summed with NumPy/torch) also widen values to float32 and decode
+    int64 positions, large ones are summed from the stored rows. Counting int64 positions for every layer
+    made blocks of one step for a 29.5M-parameter GPT, and the per-call cost of 100 layers then dominated
+    unlearning (4.5 s against 1.8 s for 24 steps)."""
     if spec.positions == "dense":
-        return 4 * spec.k
+        return (value_bytes + 4) * spec.k
     packed = spec.numel // 8 if spec.positions == "bitmap" else 8 * spec.k  # gaps: widened to int64 on a GPU
-    return 4 * spec.k + packed + (8 * spec.k if spec.numel < 1 << 16 else 0)
+    return value_bytes * spec.k + packed + (12 * spec.k if spec.numel < 1 << 16 else 0)
 
 
 def _counts_for(store: UpdateStore, parts: list[LayerSpec], keep: Any, clip: bool = False) -> list[int]:
@@ -271,7 +272,8 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                           "pass a ratio (or None)")
     parts, targets = _targets(store, pairs)
     if block_steps is None:
-        block_steps = max(1, min(4096, BLOCK_BYTES // max(1, sum(_row_bytes(spec) for spec in parts))))
+        value_bytes = torch.empty(0, dtype=getattr(torch, store.value_dtype)).element_size()
+        block_steps = max(1, min(4096, BLOCK_BYTES // max(1, sum(_row_bytes(spec, value_bytes) for spec in parts))))
     dev = pick_device(model, device)
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]

@@ -22,6 +22,7 @@ class PositionsCodec(Protocol):
     name: str
     stored: bool
     shuffle: str  # Blosc shuffle for the positions array
+    blocksize: int  # Blosc block size in bytes (0: Blosc's choice)
 
     def width(self, numel: int, k: int) -> int:
         """Elements per stored row."""

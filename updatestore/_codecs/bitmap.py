@@ -20,6 +20,10 @@ class Bitmap:
     name = "bitmap"
     stored = True
     shuffle = "noshuffle"  # bit-shuffle was 10 % larger (benchmarks/storage.py --encodings)
+    # Blosc's own block size (0) cuts a 512 KiB row into small zstd frames; one 512 KiB block
+    # decompressed 1.8× faster (889 vs 502 MB/s) and stored 2.7 % fewer bytes, compressed 1.2×
+    # faster (keep-0.1 rows of the 4.2M-entry layer of benchmarks/readpath.py, one thread).
+    blocksize = 1 << 19
 
     def width(self, numel: int, k: int) -> int:
         return bitmap_nbytes(numel)
@@ -36,7 +40,10 @@ class Bitmap:
         """Every row holds exactly k bits, none in the padding after entry numel-1."""
         bm = np.asarray(rows, dtype=np.uint8)
         pad = (-numel) % 8
-        if bm.size and ((np.bitwise_count(bm).sum(axis=1, dtype=np.int64) != k).any() or (
+        # counted eight bytes at a time: 3.6× faster than per byte (48 rows of 4.2M entries: 3.5 vs 12.6 ms)
+        w = bm.shape[-1] // 8 * 8
+        if bm.size and ((np.bitwise_count(bm[:, :w].view(np.uint64)).sum(axis=1, dtype=np.int64)
+                         + np.bitwise_count(bm[:, w:]).sum(axis=1, dtype=np.int64) != k).any() or (
                 pad and (bm[:, -1] & ((1 << pad) - 1)).any())):
             raise CorruptRowError(f"bitmap rows do not each hold exactly {k} entries below {numel}")
 

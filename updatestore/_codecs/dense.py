@@ -11,6 +11,7 @@ class Dense:
     name = "dense"
     stored = False
     shuffle = "noshuffle"
+    blocksize = 0
 
     def width(self, numel: int, k: int) -> int:
         return 0

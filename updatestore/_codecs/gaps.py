@@ -20,6 +20,7 @@ class Gaps:
     name = "gaps"
     stored = True
     shuffle = "shuffle"
+    blocksize = 0
 
     def width(self, numel: int, k: int) -> int:
         return k

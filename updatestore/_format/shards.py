@@ -123,7 +123,8 @@ def _parse_index(raw: np.ndarray, lay: ShardLayout, size: int | None, key: str) 
     return idx
 
 
-def _decompress(data: np.ndarray, lay: ShardLayout, what: str) -> np.ndarray:
+def _decompress(data: np.ndarray, lay: ShardLayout, what: str, into: np.ndarray | None = None) -> np.ndarray:
+    """One inner chunk's rows, decompressed into ``into`` (C-contiguous, ``chunk_nbytes``) if given."""
     body = _check_crc(data, what)
     # The Blosc header (16 bytes: version, flags, typesize, then uint32 nbytes, blocksize, cbytes)
     # is checked before decompressing: a forged one must not make us allocate what it claims.
@@ -131,7 +132,7 @@ def _decompress(data: np.ndarray, lay: ShardLayout, what: str) -> np.ndarray:
     nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
     if len(head) < 16 or cbytes != len(body) or nbytes != lay.chunk_nbytes:
         raise ShardError(f"{what}: not a Blosc chunk of the {lay.chunk_nbytes} bytes the layout says")
-    out = np.empty(lay.chunk_nbytes, dtype=np.uint8)
+    out = np.empty(lay.chunk_nbytes, dtype=np.uint8) if into is None else into.reshape(-1).view(np.uint8)
     try:
         blosc.decompress(body, out)
     except Exception as exc:
@@ -209,9 +210,13 @@ def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray) -> list[np.nd
         lay, out = layouts[i], outs[i]
         if isinstance(out, BaseException):
             return
-        chunk = _decompress(data, lay, f"{lay.key(shard)} inner chunk {c}")
         first = shard * lay.shard_rows + c * lay.chunk_rows
         lo, hi = np.searchsorted(rows, [first, first + lay.chunk_rows])
+        what = f"{lay.key(shard)} inner chunk {c}"
+        if hi - lo == lay.chunk_rows:  # every row of the chunk wanted (always, for one-row chunks):
+            _decompress(data, lay, what, out[lo:hi])  # straight into place, no temporary and no copy
+            return
+        chunk = _decompress(data, lay, what)
         out[lo:hi] = chunk[rows[lo:hi] - first]
 
     for task, err in zip(tasks, pool().map(_capture(decode), tasks)):
