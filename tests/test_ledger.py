@@ -205,3 +205,19 @@ def test_a_deleted_or_rolled_back_ledger_is_corruption_not_empty(trained, store_
         with pytest.raises(CorruptStoreError):
             unlearn.amnesiac(model, again, [7], purge=False)
     assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
+
+
+def test_weights_fingerprint_is_the_documented_sha256():
+    """Ledgers written by earlier releases compare fingerprints with today's: the bytes hashed are
+    fixed (name|dtype|shape| then the raw little-endian weights, in parameter order), 0-d and
+    bfloat16 parameters included."""
+    import hashlib
+
+    model = torch.nn.Linear(3, 2)
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.5)))
+    model.to(torch.bfloat16)
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+        h.update(bytes(p.detach().reshape(-1).view(torch.int16).numpy().tobytes()))
+    assert weights_fingerprint(model) == h.hexdigest()
