@@ -62,6 +62,53 @@ def test_a_commit_per_step_writes_every_shard_once_and_reads_back_identically(tm
     assert often.batches_containing([5, 44]).tolist() == once.batches_containing([5, 44]).tolist() == [1, 11]
 
 
+def test_arrays_grow_ahead_of_the_commits_and_close_exact(tmp_path):
+    """A commit per step does not resize every array at every commit (each resize rewrites its
+    zarr.json): arrays grow many shards ahead, and a closed store's arrays hold exactly its rows."""
+    base = CountingSets(str(tmp_path / "often"))
+    _, often, _ = record(base, 1e-9)  # 12 commits, each closing a shard
+    meta = {k: n for k, n in base.sets.items() if k.startswith("layers/") and k.endswith("/zarr.json")
+            and k.count("/") == 3}
+    assert meta and max(meta.values()) <= 3, meta  # created, grown once, trimmed at close (was 13)
+    root = zarr.open_group(str(tmp_path / "often"), mode="r")
+    end = int(often._table.rows[-1]) + 1
+    for spec in often.layers:
+        assert root[f"layers/{spec.name}/values"].shape[0] == end
+    assert root["steps/status"].shape[0] == root["steps/row"].shape[0] == 12
+    assert root["samples/ids"].shape[0] == 48
+
+
+def test_a_store_left_mid_run_with_grown_arrays_reopens_reads_and_appends(tmp_path):
+    """What a SIGKILL mid-run leaves: arrays longer than their committed rows (FORMAT.md allows it).
+    The copy reads the committed steps like the finished run, appends after them, and closes exact."""
+    import shutil
+
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = UpdateStore.create(tmp_path / "a", model, keep=0.5)
+    with store.recorder(model, opt, commit_seconds=None) as rec:
+        run_steps(rec, model, opt, range(4))
+        saved = rec.state_dict()  # committed: 4 steps
+        shutil.copytree(tmp_path / "a", tmp_path / "b")  # the store as a kill now would leave it
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        run_steps(rec, model, opt, range(4, 6))
+    root = zarr.open_group(str(tmp_path / "b"), mode="r")
+    name = store.layers[0].name
+    assert root[f"layers/{name}/values"].shape[0] > 4 and root["steps/status"].shape[0] > 4
+    ref = store.read(np.arange(6))
+    model.load_state_dict(state)
+    with UpdateStore.open(tmp_path / "b", "r+") as b:
+        assert b.num_batches == 4
+        with b.recorder(model, opt, resume=saved) as rec:
+            run_steps(rec, model, opt, range(4, 6))
+        got = b.read(np.arange(6))
+        for n in got:
+            assert torch.equal(got[n].values, ref[n].values) and torch.equal(got[n].positions, ref[n].positions)
+        end = int(b._table.rows[-1]) + 1
+    root = zarr.open_group(str(tmp_path / "b"), mode="r")
+    assert root[f"layers/{name}/values"].shape[0] == end and root["steps/status"].shape[0] == 6
+
+
 def test_unlearning_purge_and_resume_follow_the_row_map(tmp_path):
     model, store, oracle = record(tmp_path / "s", 1e-9, keep=1.0)
     store.close()

@@ -87,8 +87,11 @@ def fsync_written(store: zarr.abc.store.Store) -> None:
         path = root / key
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # zarr deleted it (an empty chunk): the directory entry is what matters
-            dirs.add(path.parent)
+        except FileNotFoundError:  # deleted (an empty chunk, or a shrink's chunks outside the shape, which
+            parent = path.parent   # may never have existed): the nearest directory that exists holds it
+            while parent != root and not parent.is_dir():
+                parent = parent.parent
+            dirs.add(parent)
             continue
         try:
             os.fsync(fd)

@@ -17,7 +17,8 @@ from ._owners import OwnerTable
 from ._params import match_model, named_shapes, trainable
 from ._rollback import align, check_state
 from ._reader import PartRows, Reader, Rows
-from ._writer import BlockWriter, WriterSink, check_commit_seconds
+from ._sink import WriterSink
+from ._writer import BlockWriter, check_commit_seconds
 from .config import StoreConfig
 from .distributed import check_parts, is_sharded, plan_parts, run_agreed, world
 from .distributed.sink import CollectiveSink, Discard

@@ -19,7 +19,7 @@ from .meta import (
     read_meta,
 )
 from .records import part_record, COUNTS, INDEX_RECORD, LEDGER, LEDGER_COUNT, LINEAGE, OWNER_COUNT, bump_generation, read_counts, read_state
-from .tree import MAX_BLOCK_STEPS, committed_rows, count_chunks, create_tree, require_chunks, dense_array, erase_beyond, missing_chunks, truncate, open_arrays, plan_layers, plan_store
+from .tree import MAX_BLOCK_STEPS, committed_rows, count_chunks, create_tree, require_chunks, dense_array, erase_beyond, missing_chunks, truncate, open_arrays, plan_layers, plan_store, resize_all
 
 
 def check_store(root, where: str) -> tuple[dict, list[LayerSpec], int, int]:
@@ -38,5 +38,5 @@ def check_store(root, where: str) -> tuple[dict, list[LayerSpec], int, int]:
 __all__ = [
     "check_store", "logical_layers", "SHARDED_VERSION", "part_record", "FORMAT_NAME", "FORMAT_VERSION", "PURGED_ID", "STATUS_SKIPPED", "STATUS_RECORDED", "STATUS_NOT_STORED", "STATUS_NONFINITE",
     "STATUS_PURGED", "LayerSpec", "has_row_map", "committed_rows", "count_chunks", "require_chunks", "model_fingerprint", "new_meta", "read_meta", "COUNTS", "INDEX_RECORD",
-    "LEDGER", "LEDGER_COUNT", "LINEAGE", "OWNER_COUNT", "bump_generation", "read_counts", "read_state", "MAX_BLOCK_STEPS", "create_tree", "dense_array", "erase_beyond", "missing_chunks", "truncate", "open_arrays", "plan_layers", "plan_store",
+    "LEDGER", "LEDGER_COUNT", "LINEAGE", "OWNER_COUNT", "bump_generation", "read_counts", "read_state", "MAX_BLOCK_STEPS", "create_tree", "dense_array", "erase_beyond", "missing_chunks", "truncate", "open_arrays", "plan_layers", "plan_store", "resize_all",
 ]

@@ -15,7 +15,7 @@ from . import paths
 from .meta import MAX_BLOCK_STEPS, LayerSpec, has_row_map, model_fingerprint, new_meta
 from .records import COUNTS, INDEX_RECORD, META, OWNER_COUNT, part_record, sha256_json
 
-__all__ = ["plan_store", "dense_array", "truncate", "erase_beyond", "committed_rows", "count_chunks", "require_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
+__all__ = ["plan_store", "dense_array", "truncate", "resize_all", "erase_beyond", "committed_rows", "count_chunks", "require_chunks", "missing_chunks", "plan_layers", "block_steps_for", "create_tree", "open_arrays", "array_digest", "MAX_BLOCK_STEPS"]
 
 #: Inner (compressed, checksummed) chunks hold up to this many bytes of rows (128 KiB
 #: compressed 4 % smaller than 32 KiB on the digits run: more context for zstd),
@@ -97,6 +97,20 @@ def truncate(arr: zarr.Array, start: int) -> None:
     if arr.shape[0] > start:
         arr[start:] = 0
         arr.resize((start,) + arr.shape[1:])
+
+
+def resize_all(resizes: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
+    """Resize several arrays (in place) at once: their zarr.json writes run concurrently."""
+    if not resizes:
+        return
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> None:
+        await asyncio.gather(*(arr.async_array.resize(shape) for arr, shape in resizes))
+
+    sync(run())
 
 
 def committed_rows(root: zarr.Group, n: int, row_map: bool) -> int:
