@@ -227,3 +227,37 @@ def test_read_groups_cut_at_shards(small_shards, steps, max_steps):
     if len(steps) > 1:
         with pytest.raises(StepError, match="sorted"):
             store.read_groups(steps[::-1], max_steps)
+
+
+@given(st.integers(8 * 2**15, 8 * 2**15 + 77), st.floats(0.0, 1.0), st.integers(0, 2**31))
+@settings(max_examples=25, deadline=None)
+def test_compiled_bitmap_packing_equals_numpy_packbits(numel, keep, seed):
+    """Large rows are packed by a compiled kernel: byte-identical to np.packbits of the mask."""
+    rng = np.random.default_rng(seed)
+    pos = np.sort(rng.choice(numel, size=int(keep * numel), replace=False))
+    mask = np.zeros(-(-numel // 8) * 8, dtype=bool)
+    mask[pos] = True
+    assert np.array_equal(positions_codec("bitmap").encode(pos, numel), np.packbits(mask))
+
+
+def test_compiled_bitmap_packing_refuses_positions_outside_the_layer():
+    numel = 8 * 2**15 + 3
+    for bad in ([numel], [-1], [0, numel + 5]):
+        with pytest.raises(CorruptRowError):
+            positions_codec("bitmap").encode(np.array(bad), numel)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64), st.integers(0, 2**31))
+@settings(max_examples=50, deadline=None)
+def test_compiled_bfloat16_rounding_equals_torch(head, seed):
+    """Long value rows are rounded by a compiled kernel: bit-identical to torch's float32 → bfloat16 cast
+    (round to nearest even), with ties, subnormals, infinities and overflow drawn among them."""
+    from updatestore._codecs.values import COMPILED_MIN
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(COMPILED_MIN + 5).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, COMPILED_MIN + 5)
+    a[: len(head)] = head
+    a[-4:] = [np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8), np.float32(3.3895314e38), np.float32(-np.inf)]
+    got = values_codec("bfloat16").from_float32(a)
+    want = torch.from_numpy(a).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got, want)

@@ -99,8 +99,9 @@ def truncate(arr: zarr.Array, start: int) -> None:
         arr.resize((start,) + arr.shape[1:])
 
 
-def resize_all(resizes: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
-    """Resize several arrays (in place) at once: their zarr.json writes run concurrently."""
+def resize_all(resizes: list[tuple[zarr.Array, tuple[int, ...]]], delete_outside: bool = True) -> None:
+    """Resize several arrays (in place) at once: their zarr.json writes run concurrently.
+    ``delete_outside=False``: the caller knows no chunk lies past the new shapes (none is looked for)."""
     if not resizes:
         return
     import asyncio
@@ -108,7 +109,7 @@ def resize_all(resizes: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
     from zarr.core.sync import sync
 
     async def run() -> None:
-        await asyncio.gather(*(arr.async_array.resize(shape) for arr, shape in resizes))
+        await asyncio.gather(*(arr.async_array.resize(shape, delete_outside) for arr, shape in resizes))
 
     sync(run())
 
