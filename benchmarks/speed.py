@@ -69,7 +69,7 @@ def wide_mlp() -> torch.nn.Module:
 
 
 def _train(mode: str, data, tmp: Path, *, epochs: int, batch: int, unique_ids: bool = False,
-           make=DigitsCNN, max_steps: int | None = None):
+           make=DigitsCNN, max_steps: int | None = None, codec: str = "zstd"):
     """One training run: mode is 'none', 'full' (safetensors per step) or 'store'. Returns (seconds, handle, model)."""
     torch.manual_seed(0)
     model = make()
@@ -81,7 +81,7 @@ def _train(mode: str, data, tmp: Path, *, epochs: int, batch: int, unique_ids: b
     if mode == "full":
         handle = FullLog(tmp / f"full-{time.monotonic_ns()}", model)
     elif mode == "store":
-        handle = UpdateStore.create(tmp / f"store-{time.monotonic_ns()}.zarr", model, keep=0.1)
+        handle = UpdateStore.create(tmp / f"store-{time.monotonic_ns()}.zarr", model, keep=0.1, codec=codec)
         rec = handle.recorder(model, opt).attach()
     step = 0
     t0 = time.perf_counter()

@@ -180,6 +180,13 @@ def test_bad_value_dtype(store_path, tiny):
         UpdateStore.create(store_path, tiny, value_dtype="int8")
 
 
+@pytest.mark.parametrize("codec", ["gzip", "LZ4", None, 1])
+def test_bad_codec_creates_nothing(store_path, tiny, codec):
+    with pytest.raises(ConfigError, match=r"codec must be one of \('zstd', 'lz4'\)"):
+        UpdateStore.create(store_path, tiny, codec=codec)
+    assert not store_path.exists()
+
+
 def test_step_without_ids(store_path, tiny):
     opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
     before = [p.detach().clone() for p in tiny.parameters()]

@@ -20,16 +20,20 @@ def _reader_block() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.parametrize("keep,dtype,positions", [(0.2, "bfloat16", "bitmap"), (0.01, "float16", "gaps"),
-                                                   (1.0, "float32", "auto")])
-def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, positions):
+@pytest.mark.parametrize("keep,dtype,positions,codec", [(0.2, "bfloat16", "bitmap", "zstd"),
+                                                         (0.2, "bfloat16", "bitmap", "lz4"),
+                                                         (0.01, "float16", "gaps", "lz4"), (1.0, "float32", "auto", "zstd")])
+def test_plain_zarr_reader_from_format_md(tmp_path, monkeypatch, keep, dtype, positions, codec):
     model = make_tiny(hidden=300)
     with UpdateStore.create(tmp_path / "run.zarr", model, keep=keep, value_dtype=dtype,
-                            positions=positions) as store:
+                            positions=positions, codec=codec) as store:
         train(store, model, steps=4)
         train(store, model, steps=5, seed=1)  # a second recording: its rows start a new shard (format 2)
         expected = read_rows(store, "fc1.weight", 0, 9)
-    assert zarr.open_group(tmp_path / "run.zarr", mode="r")["steps/row"][4] == store.meta["block_steps"]
+    root = zarr.open_group(tmp_path / "run.zarr", mode="r")
+    assert root["steps/row"][4] == store.meta["block_steps"]
+    # the values' Blosc is the store's codec, whatever reads it takes it from zarr.json
+    assert root["layers/fc1.weight/values"].metadata.codecs[0].codecs[1].cname.name == codec
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(_reader_block(), scope)  # the documented snippet, verbatim

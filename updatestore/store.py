@@ -71,7 +71,7 @@ class UpdateStore(Queries, Upkeep):
     @classmethod
     def create(cls, path: PathLike, model: torch.nn.Module, *, keep: float | Mapping[str, float] = 0.1,
                value_dtype: str = "bfloat16", positions: str = "auto", buffer_bytes: int = 64 * 2**20,
-               clevel: int = 1, overwrite: bool = False, fsync: bool = False,
+               clevel: int = 1, codec: str = "zstd", overwrite: bool = False, fsync: bool = False,
                storage_options: dict[str, Any] | None = None, process_group: Any = None) -> "UpdateStore":
         """A new, empty store for ``model``'s trainable parameters, opened ``"r+"``.
 
@@ -88,7 +88,7 @@ class UpdateStore(Queries, Upkeep):
 
         def planned() -> tuple[StoreConfig, list[LayerSpec], int, dict[str, Any]]:
             config = StoreConfig(keep=keep, value_dtype=value_dtype, positions=positions,
-                                 buffer_bytes=buffer_bytes, clevel=clevel)
+                                 buffer_bytes=buffer_bytes, clevel=clevel, codec=codec)
             params = trainable(model)
             parts = plan_parts(params, size) if size > 1 and any(is_sharded(p) for _, p in params) else None
             return config, *plan_store(named_shapes(params), config, __version__, parts, size)

@@ -196,12 +196,13 @@ def _compressors(clevel: int, shuffle: str, cname: str = "zstd", blocksize: int 
     return [BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=blocksize), Crc32cCodec()]
 
 
-#: Kept values: Blosc-lz4 on bit-shuffled values. On keep-0.1 bf16 rows of the 4.3M-parameter MLP of
-#: ``benchmarks/readpath.py`` it stored 2.5 % more bytes than zstd-1 with byte-shuffle (62.9 vs 61.3 MB
-#: for 120 steps) and decompressed 3.4× faster (2.4 vs 0.71 GB/s; compressed 3.4× faster too, on the
-#: writer thread that shares the cores with training). Positions stay zstd: lz4 stored bitmaps 37 %
-#: larger.
-VALUES_BLOSC = ("lz4", "bitshuffle")
+#: Kept values' Blosc (cname, shuffle, blocksize) per ``StoreConfig.codec``. Measured on keep-0.1 bf16
+#: rows of the 4.2M-entry layer of ``benchmarks/readpath.py``, one thread: zstd-1 with byte-shuffle in
+#: one 512 KiB block stored 3 % less than in Blosc's own (small) blocks and decompressed 1.25× faster
+#: (0.71 vs 0.56 GB/s); lz4 on bit-shuffled values decompressed at 2.2 GB/s and compressed 3× faster,
+#: for 9 % more bytes there (more at keep 0.01 and 1.0: see StoreConfig). Positions are zstd in both:
+#: lz4 stored bitmaps 37 % larger.
+VALUES_BLOSC = {"zstd": ("zstd", "shuffle", 1 << 19), "lz4": ("lz4", "bitshuffle", 0)}
 
 
 def array_digest(arr: zarr.Array) -> str:
@@ -218,6 +219,11 @@ def array_digest(arr: zarr.Array) -> str:
 
 def _array_paths(specs: list[LayerSpec], meta: dict[str, Any]) -> list[str]:
     return list(paths.vectors(has_row_map(meta))) + [p for s in specs for p in s.array_paths]
+
+
+def _values_blosc(config: StoreConfig) -> tuple[str, str, int]:
+    cname, shuffle, blocksize = VALUES_BLOSC[config.codec]
+    return shuffle, cname, blocksize
 
 
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
@@ -245,7 +251,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     for s in specs:
         g = root.create_group(s.path, attributes={"updatestore": s.to_json()})
         arr = g.create_array("values", shape=(0, s.k), dtype=vdt, chunks=(s.chunk_rows, s.k),
-                             shards=(block, s.k), compressors=_compressors(config.clevel, VALUES_BLOSC[1], VALUES_BLOSC[0]),
+                             shards=(block, s.k), compressors=_compressors(config.clevel, *_values_blosc(config)),
                              fill_value=0)
         digests[paths.values(s.name)] = array_digest(arr)
         codec = positions_codec(s.positions)
