@@ -128,8 +128,8 @@ class StoreConfig:
             with training for the same cores, so the cheaper level is the default.
         codec: how kept values are compressed (positions are always zstd). ``"zstd"`` (default):
             the smallest store. ``"lz4"`` (bit-shuffled): values decompress 3× faster and compress 3×
-            faster on the writer thread, for a larger store — about +6 % at keep 0.1 on the 11M CNN
-            (3.72 vs 3.51 % of the full log), +40 % at keep 0.01 or 1.0, where values dominate
+            faster on the writer thread, for a larger store — +10 % at keep 0.1 on the 11M CNN
+            (3.72 vs 3.37 % of the full log), about +40 % at keep 0.01 or 1.0, where values dominate
             (``python -m benchmarks.storage``; read-path figures in ``benchmarks/readpath.py``).
 
     >>> StoreConfig(keep=0.05).value_dtype
