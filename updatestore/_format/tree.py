@@ -202,7 +202,8 @@ def _compressors(clevel: int, shuffle: str, cname: str = "zstd", blocksize: int 
 #: (0.71 vs 0.56 GB/s); lz4 on bit-shuffled values decompressed at 2.2 GB/s and compressed 3× faster,
 #: for 9 % more bytes there (more at keep 0.01 and 1.0: see StoreConfig). Positions are zstd in both:
 #: lz4 stored bitmaps 37 % larger.
-VALUES_BLOSC = {"zstd": ("zstd", "shuffle", 1 << 19), "lz4": ("lz4", "bitshuffle", 0)}
+VALUES_BLOSC = {"zstd": dict(cname="zstd", shuffle="shuffle", blocksize=1 << 19),
+                "lz4": dict(cname="lz4", shuffle="bitshuffle", blocksize=0)}
 
 
 def array_digest(arr: zarr.Array) -> str:
@@ -219,11 +220,6 @@ def array_digest(arr: zarr.Array) -> str:
 
 def _array_paths(specs: list[LayerSpec], meta: dict[str, Any]) -> list[str]:
     return list(paths.vectors(has_row_map(meta))) + [p for s in specs for p in s.array_paths]
-
-
-def _values_blosc(config: StoreConfig) -> tuple[str, str, int]:
-    cname, shuffle, blocksize = VALUES_BLOSC[config.codec]
-    return shuffle, cname, blocksize
 
 
 def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: StoreConfig,
@@ -251,7 +247,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     for s in specs:
         g = root.create_group(s.path, attributes={"updatestore": s.to_json()})
         arr = g.create_array("values", shape=(0, s.k), dtype=vdt, chunks=(s.chunk_rows, s.k),
-                             shards=(block, s.k), compressors=_compressors(config.clevel, *_values_blosc(config)),
+                             shards=(block, s.k), compressors=_compressors(config.clevel, **VALUES_BLOSC[config.codec]),
                              fill_value=0)
         digests[paths.values(s.name)] = array_digest(arr)
         codec = positions_codec(s.positions)
