@@ -28,6 +28,7 @@ from updatestore import UpdateStore
 # The query micro-benchmark times the index component alone (scale.py times it through the store).
 from updatestore._index import SampleIndex
 
+from .recording import NOTE, STEPS, recording_overhead, recording_table
 from ._common import parser, FullLog, machine, md_table, pyplot, synthetic_images, write_results
 
 
@@ -117,61 +118,6 @@ def throughput(data, tmp: Path, repeats: int, epochs: int, make=DigitsCNN, max_s
     return {"seconds_median": med, "all": times,
             "store_vs_none": med["none"] / med["store"], "full_vs_none": med["none"] / med["full"],
             "store_vs_full": med["full"] / med["store"]}
-
-
-#: The recording targets of issue #16: (name, model factory, input shape, batch, floor).
-RECORDING_TARGETS = (
-    ("digits CNN (38k), batch 32", DigitsCNN, (1, 8, 8), 32, 0.85),
-    ("28×28 conv net (407k), batch 128", lambda: DigitsCNN(in_hw=28), (1, 28, 28), 128, 0.95),
-    ("WideCNN (11.0M), batch 32", WideCNN, (3, 32, 32), 32, 0.95),
-)
-
-
-def recording_overhead(tmp: Path, steps: list[int], repeats: int) -> list[dict]:
-    """Plain training against training with a store attached (keep 0.1 bf16), interleaved runs of the
-    same steps, medians; and how much of the overhead is the top-k (``rec.seconds``)."""
-    out = []
-    for (name, make, shape, batch, floor), n in zip(RECORDING_TARGETS, steps):
-        g = torch.Generator().manual_seed(0)
-        data = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
-                for _ in range(4)]
-
-        def run(record: bool) -> tuple[float, dict]:
-            torch.manual_seed(0)
-            model = make()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            store = UpdateStore.create(tmp / f"rec-{time.monotonic_ns()}.zarr", model, keep=0.1) if record else None
-            rec = store.recorder(model, opt).attach() if record else None
-            t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(n):
-                x, y = data[i % len(data)]
-                if rec is not None:
-                    rec.begin(torch.arange(batch) + i * batch)
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-                if rec is not None:
-                    rec.end()
-            if rec is not None:
-                rec.detach()  # the last block is written: its cost counts
-            return time.perf_counter() - t0, time.process_time() - c0, dict(rec.seconds) if rec is not None else {}
-
-        run(True)  # warm-up: compiled kernels, thread pools, allocator
-        plain, recorded, prune, cpu_plain, cpu_rec = [], [], [], [], []
-        for _ in range(repeats):
-            secs, cpu, _ = run(False)
-            plain.append(secs), cpu_plain.append(cpu)
-            secs, cpu, parts = run(True)
-            recorded.append(secs), cpu_rec.append(cpu)
-            prune.append(parts["prune"])
-        p, r = statistics.median(plain), statistics.median(recorded)
-        # CPU time of every thread: what recording adds is work the training step's cores must also do
-        extra_cpu = statistics.median([b - a for a, b in zip(cpu_plain, cpu_rec)])
-        out.append({"model": name, "floor": floor, "steps": n, "plain_s": p, "recording_s": r, "ratio": p / r,
-                    "overhead_ms_per_step": (r - p) / n * 1e3, "topk_ms_per_step": statistics.median(prune) / n * 1e3,
-                    "extra_cpu_ms_per_step": extra_cpu / n * 1e3, "plain_cpu_ms_per_step": statistics.median(cpu_plain) / n * 1e3})
-        print(f"  recording {name}: {p / r:.2f}x (floor {floor})", file=sys.stderr)
-    return out
 
 
 def evict(path: Path) -> None:
@@ -307,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.transformer:
         return _transformer_main(args)
+    steps, repeats = STEPS[q]
     data = load_digits().train
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as t:
         tmp = Path(t)
-        rec = recording_overhead(tmp, [40, 6, 2] if q else [600, 60, 12], 1 if q else 7)
+        rec = recording_overhead(tmp, steps, repeats)
         tp = throughput(data, tmp, repeats=1 if q else 5, epochs=2 if q else 4)
         print(f"  throughput: {tp['seconds_median']}", file=sys.stderr)
         tp2 = throughput(synthetic_images(256), tmp, repeats=1 if q else 3, epochs=1, make=WideCNN,
@@ -324,19 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ql = query_latency(100_000 if q else 1_000_000, 10, 10_000)
     cmd = "python -m benchmarks.speed" + (" --quick" if q else "")
     md = [f"# Speed ({'quick' if q else 'full'} run)\n\nCommand: `{cmd}`; machine: {machine()}\n",
-          "## Recording overhead: the targets (CPU; plain training ÷ training with a store, keep 0.1 bf16)\n\n"
-          "Interleaved runs of the same steps, medians; the recording run includes writing its last block. "
-          "Δθ + top-k is the training thread's time in the recorder's pruning (`rec.seconds['prune']`); the "
-          "rest of the overhead is the hooks, the snapshot, and the writer thread (encoding, compression, "
-          "writes) competing with training for the 2 cores. *Added CPU* is the CPU time of all threads "
-          "with recording minus without (per step, beside the plain step's own CPU time): a plain step already "
-          "keeps both cores busy, so the wall-clock overhead cannot fall much below added CPU ÷ 2.\n\n",
-          md_table(["model", "steps", "plain s", "recording s", "throughput", "target", "overhead ms/step",
-                    "of which Δθ + top-k ms/step", "added CPU ms/step (plain step's CPU)"],
-                   [[r["model"], r["steps"], f"{r['plain_s']:.2f}", f"{r['recording_s']:.2f}", f"{r['ratio']:.2f}",
-                     f"≥ {r['floor']}", f"{r['overhead_ms_per_step']:.2f}", f"{r['topk_ms_per_step']:.2f}",
-                     f"{r['extra_cpu_ms_per_step']:.1f} ({r['plain_cpu_ms_per_step']:.1f})"]
-                    for r in rec]),
+          "## Recording overhead: the targets (CPU; plain training ÷ training with a store, keep 0.1 bf16)\n\n",
+          NOTE, "\n",
+          recording_table(rec),
           "\n## Training throughput (CPU, batch 32; ratios of median wall times)\n",
           md_table(["model", "mode", "median s", "throughput vs no logging", "vs full log"],
                    [row for name, t in (("DigitsCNN 38k", tp), ("WideCNN 11.0M (32×32)", tp2)) for row in (

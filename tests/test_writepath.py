@@ -156,3 +156,32 @@ def test_select_kernels_can_load_from_numbas_cache():
     for kernel in (_select_jit.select, _select_jit.sampled, _select_jit.threshold):
         assert kernel.py_func.__closure__ is None
         assert kernel._cache.__class__.__name__ == "FunctionCache"  # cache=True
+
+
+def test_fused_deltas_are_after_minus_before_bit_for_bit():
+    """The fused CPU path computes −Δθ in place and negates the kept values: every kept value must be
+    ``after − before`` bit for bit (an unchanged entry +0.0, never −0.0), a strided parameter flattened in
+    its logical order, a dense layer whole."""
+    from types import SimpleNamespace
+
+    from updatestore._deltas import Deltas
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 30, generator=g)
+    params = [base.t(), torch.randn(7, generator=g), torch.randn(5000, generator=g)]  # base.t(): strided
+    specs = [SimpleNamespace(k=k) for k in (120, 7, 500)]  # the 7-entry layer is dense (k == numel)
+    d = Deltas(list(zip(specs, params)))
+    d.snapshot()
+    before = [p.clone() for p in params]
+    with torch.no_grad():
+        params[0].add_(torch.randn(30, 40, generator=g) * (torch.rand(30, 40, generator=g) < 0.05))
+        params[1][3] += 1.5  # the other six entries unchanged: their Δ is +0.0
+        params[2].mul_(1.001)
+    rows = d.pruned()
+    for (vals, pos), b, a in zip(rows, before, params):
+        want = (a - b).reshape(-1)
+        got_pos = torch.arange(want.numel()) if pos is None else pos
+        assert torch.equal(vals.view(torch.int32), want[got_pos].view(torch.int32))
+    assert rows[1][1] is None and (rows[1][0].view(torch.int32) == 0).sum() == 6  # +0.0, not −0.0
+    assert torch.equal(rows[0][1], torch.sort((params[0] - before[0]).reshape(-1).abs(), descending=True,
+                                              stable=True).indices[:120].sort().values)

@@ -13,12 +13,26 @@ import numpy as np
 
 __all__ = ["select", "sampled", "threshold"]
 
+#: Up to this many entries the threshold comes from a partition of a copy (one introselect) instead of
+#: three histogram passes, whose 2048-bin clears and scans dominate a small layer: on the digits CNN's
+#: layers of 10–640 entries 2–3× faster (≈ 20 of the step's 180 µs).
+PARTITION_MAX = 2048
+
 
 @numba.njit(nogil=True, cache=True)
 def threshold(bits, a, n, k, hist_min):  # pragma: no cover - compiled
     # The k-th largest |x| (as int bits) of bits[a:a+n] and how many entries equal to it
     # to keep: a radix select from the most significant bits, one histogram per level —
     # 16 then 15 bits from hist_min entries on, else 11, 11 and 9 (small histograms to clear).
+    if n <= PARTITION_MAX:
+        tmp = np.empty(n, np.int32)
+        for j in range(n):
+            tmp[j] = bits[a + j] & 0x7FFFFFFF
+        t = np.partition(tmp, n - k)[n - k]
+        above = 0
+        for j in range(n):
+            above += tmp[j] > t
+        return t, k - above
     widths = (16, 15, 0) if n >= hist_min else (11, 11, 9)
     t, above, shift, known = 0, 0, 31, 0
     for width in widths:
@@ -91,7 +105,10 @@ def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min, sampl
     bits = delta.view(np.int32)
     for i in range(starts.size):
         a, n, k, o = starts[i], sizes[i], ks[i], offsets[i]
-        if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):
+        # a sample of ~1024 entries (at least every 8th, at most every ``stride``-th): smaller strides
+        # on mid-sized layers keep the candidates few (32k entries: 194 -> 59 µs)
+        s = min(stride, max(8, n // 1024))
+        if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, s):
             continue
         t, ties = threshold(bits, a, n, k, hist_min)
         w = o

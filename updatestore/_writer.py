@@ -26,6 +26,7 @@ from ._codecs import positions_codec, values_codec
 from ._format import (COUNTS, OWNER_COUNT, dense_array, erase_beyond, part_record, resize_all, STATUS_NONFINITE, STATUS_RECORDED,
                       STATUS_SKIPPED, LayerSpec, paths)
 from ._backend import set_durable
+from ._pacing import GROW_SHARDS, ahead as _ahead, lower_priority as _lower_priority, queue_steps
 from ._format.shards import ShardLayout, write_shards
 from ._lineage import append_event
 from .errors import ConfigError, WriterError
@@ -66,17 +67,11 @@ def check_commit_seconds(value: float | None) -> None:
 _FLUSH = object()
 _STOP = object()
 
-#: Arrays grow this many shards (1-D arrays: a chunk) at a time: each resize rewrites a zarr.json, and
-#: resizing every array at each commit took half of a commit's 0.25 s for the 11M CNN (FORMAT.md lets
-#: arrays be longer than their committed rows; a writer that reopens the store shrinks them first).
-GROW_SHARDS = 16
-_ahead = lambda n, unit: -(-n // unit) * unit  # noqa: E731 - n rounded up to a multiple of unit
-
-
 class BlockWriter:
     """Owns the write path of one store; thread-safe ``put``/``flush``/``close``.
 
-    ``put`` blocks when ``max_queue`` steps wait (back-pressure). An exception in
+    ``put`` blocks when ``max_queue`` steps wait (back-pressure; by default as many steps as
+    ``QUEUE_BYTES`` of pruned rows hold, 8 to one block). An exception in
     the thread is re-raised as ``WriterError`` by the next ``put``/``flush``/``close``.
     A recorded step whose kept values are all zero (the optimizer changed nothing,
     e.g. AMP skipped it) is stored as skipped; one with NaN or infinity is stored as
@@ -93,7 +88,7 @@ class BlockWriter:
 
     def __init__(self, root: zarr.Group, specs: list[LayerSpec], block: int, value_dtype: str, num_steps: int,
                  num_samples: int, *, row_map: bool = False, rows: int | None = None, where: str = "",
-                 max_queue: int = 8, commit_seconds: float | None = 5.0, fsync: bool = False,
+                 max_queue: int | None = None, commit_seconds: float | None = 5.0, fsync: bool = False,
                  on_close: Callable[["BlockWriter"], None] | None = None,
                  part: tuple[int, int] | None = None) -> None:
         self._root = root
@@ -145,6 +140,9 @@ class BlockWriter:
         self._rows_end = 0  # one past the last layer row written
         self._grown: dict[str, tuple[zarr.Array, str, int]] = {}  # grown ahead: (array, of what, length before)
         self._error: BaseException | None = None
+        self._waited = False  # a flush or close waits on the write in progress
+        if max_queue is None:
+            max_queue = queue_steps(specs, block)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="updatestore-writer", daemon=True)
         self._thread.start()
@@ -200,6 +198,7 @@ class BlockWriter:
 
     # ------------------------------------------------------------ thread side
     def _run(self) -> None:
+        _lower_priority()
         while True:
             try:
                 item = self._queue.get(timeout=self._commit_seconds)
@@ -209,9 +208,12 @@ class BlockWriter:
             if isinstance(item, tuple) and item[0] in (_FLUSH, _STOP):
                 try:
                     if self._error is None:
+                        self._waited = True  # the caller waits for this write: compress on every core
                         self._write_block()
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     self._error = exc
+                finally:
+                    self._waited = False
                 item[1].set()
                 if item[0] is _STOP:
                     return
@@ -300,7 +302,7 @@ class BlockWriter:
                     self._grown.setdefault(arr.path, (arr, "rows", arr.shape[0]))
                 shards.append((self._layout(arr), r0, buf[:n]))
         resize_all(grow)
-        write_shards(self._root.store, shards)
+        write_shards(self._root.store, shards, parallel=self._waited)
         if not self.owner:  # a rank > 0 of a sharded store: its parts are durable up to b
             part_record(self._part[0]).write(self._root, b)
             self._written_steps = self.committed_steps = b

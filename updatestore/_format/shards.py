@@ -250,11 +250,12 @@ def _with_crc(data: bytes) -> bytes:
     return data + google_crc32c.value(data).to_bytes(4, "little")
 
 
-def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]]) -> None:
+def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]], *, parallel: bool = True) -> None:
     """Write each ``(layout, first_row, rows)``: ``rows`` (``n × width``, ``first_row`` a shard's first
     row, ``n`` ≤ its rows) become that whole shard file. Every inner chunk holding one of the rows is
     written (zeros too, as with ``write_empty_chunks``; the last padded with zeros), later ones are
-    absent. Compression runs in the thread pool; the puts go out together."""
+    absent. Compression runs in the thread pool (``parallel``; else on the calling thread); the puts go
+    out together."""
     jobs = []  # (item, chunk index, bytes to compress)
     for i, (lay, first, rows) in enumerate(items):
         if first % lay.shard_rows or len(rows) > lay.shard_rows or rows.shape[1:] != (lay.width,):
@@ -266,7 +267,8 @@ def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]]) -> Non
                 part = np.concatenate([part, np.zeros((lay.chunk_rows - len(part), lay.width), lay.dtype)])
             jobs.append((i, c, part))
     compressors = [_compressor(lay) for lay, _, _ in items]
-    blobs = list(pool().map(lambda job: _with_crc(compressors[job[0]].encode(job[2].view(np.uint8).reshape(-1))),
+    mapper = pool().map if parallel else map
+    blobs = list(mapper(lambda job: _with_crc(compressors[job[0]].encode(job[2].view(np.uint8).reshape(-1))),
                             jobs))
     files: list[list[bytes]] = [[] for _ in items]
     index = [np.full((lay.chunks_per_shard, 2), _EMPTY, dtype="<u8") for lay, _, _ in items]

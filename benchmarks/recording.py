@@ -1,0 +1,144 @@
+"""Recording overhead: plain training against the same training with a store attached (keep 0.1
+bf16), on the three CPU targets of issue #16, side by side in one run.
+
+Run: ``python -m benchmarks.recording [--quick]`` (≈ 6 minutes on 2 CPU cores; ``--quick`` ≈ 30 s).
+``python -m benchmarks.speed`` runs it too, as the first table of ``speed.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from unlearn.models import DigitsCNN, WideCNN
+from updatestore import UpdateStore
+
+from ._common import machine, md_table, parser, write_results
+
+__all__ = ["RECORDING_TARGETS", "STEPS", "NOTE", "recording_overhead", "recording_table", "main"]
+
+#: The recording targets of issue #16: (name, model factory, input shape, batch, floor).
+RECORDING_TARGETS = (
+    ("digits CNN (38k), batch 32", DigitsCNN, (1, 8, 8), 32, 0.85),
+    ("28×28 conv net (407k), batch 128", lambda: DigitsCNN(in_hw=28), (1, 28, 28), 128, 0.95),
+    ("WideCNN (11.0M), batch 32", WideCNN, (3, 32, 32), 32, 0.95),
+)
+#: Steps per run and interleaved pairs of runs, per target: full, quick. A full run writes at least one
+#: block in its loop on the 11M CNN (16 steps a block); the two small models' blocks (256 and 1024
+#: steps) are written at close, which is counted.
+STEPS = (([1000, 120, 32], [7, 7, 5]), ([40, 6, 2], [1, 1, 1]))
+
+NOTE = ("Pairs of runs of the same steps (plain, then recording), interleaved; the median of the pairs' ratios "
+        "(this 2-core machine drifts by ±10 % between runs of plain training alone). *Throughput* counts the whole "
+        "recording run: the loop and closing the recorder (the last block, the arrays' trim, the index, the "
+        "model's fingerprint), whose time is shown beside it; *loop only* leaves the close out. Δθ + top-k and "
+        "the snapshot are the training thread's time in the recorder (`rec.seconds`); *background CPU* is the "
+        "CPU time of the library's threads (the writer: encoding, compression, writes; the thread pool; zarr's "
+        "I/O loop) per step, loop and close.\n")
+
+
+def _background_cpu() -> float:
+    """CPU seconds so far of the process's threads but the main thread and threads Python did not start
+    (torch's OpenMP workers, which spin while they wait): the library's writer, pool and zarr's I/O loop,
+    dead ones included (Linux; elsewhere it counts the OpenMP workers too)."""
+    ours = {threading.main_thread().native_id} | {t.native_id for t in threading.enumerate()}
+    foreign = 0.0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        tasks = []
+    for tid in tasks:
+        if int(tid) in ours:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it just ended
+            continue
+        foreign += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time() - time.thread_time() - foreign  # called on the main thread
+
+
+def recording_overhead(tmp: Path, steps: list[int], repeats: list[int]) -> list[dict]:
+    """Plain training against training with a store attached (keep 0.1 bf16), see ``NOTE``."""
+    out = []
+    for (name, make, shape, batch, floor), n, reps in zip(RECORDING_TARGETS, steps, repeats):
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+                for _ in range(4)]
+        ids = [torch.arange(batch) + i * batch for i in range(n)]  # a loader yields them either way
+
+        def run(record: bool) -> tuple[float, float, float, dict]:
+            torch.manual_seed(0)
+            model = make()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            store = UpdateStore.create(tmp / f"rec-{time.monotonic_ns()}.zarr", model, keep=0.1) if record else None
+            rec = store.recorder(model, opt).attach() if record else None
+            c0 = _background_cpu()
+            t0 = time.perf_counter()
+            for i in range(n):
+                x, y = data[i % len(data)]
+                if rec is not None:
+                    rec.begin(ids[i])
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                if rec is not None:
+                    rec.end()
+            t1 = time.perf_counter()
+            if rec is not None:
+                rec.detach()
+            return t1 - t0, time.perf_counter() - t1, _background_cpu() - c0, dict(rec.seconds) if rec else {}
+
+        run(True)  # warm-up: compiled kernels, thread pools, allocator
+        pairs = [(run(False), run(True)) for _ in range(reps)]
+        med = statistics.median
+        out.append({"model": name, "floor": floor, "steps": n, "pairs": reps,
+                    "plain_s": med([a[0] for a, _ in pairs]), "recording_s": med([b[0] + b[1] for _, b in pairs]),
+                    "ratio": med([a[0] / (b[0] + b[1]) for a, b in pairs]),
+                    "ratio_loop_only": med([a[0] / b[0] for a, b in pairs]),
+                    "close_ms": med([b[1] for _, b in pairs]) * 1e3,
+                    "overhead_ms_per_step": med([(b[0] + b[1] - a[0]) / n * 1e3 for a, b in pairs]),
+                    "topk_ms_per_step": med([b[3]["prune"] for _, b in pairs]) / n * 1e3,
+                    "snapshot_ms_per_step": med([b[3]["snapshot"] for _, b in pairs]) / n * 1e3,
+                    "background_cpu_ms_per_step": med([b[2] for _, b in pairs]) / n * 1e3})
+        r = out[-1]
+        print(f"  recording {name}: {r['ratio']:.3f}x (loop only {r['ratio_loop_only']:.3f}x; floor {floor}); "
+              f"overhead {r['overhead_ms_per_step']:.2f} ms/step, top-k {r['topk_ms_per_step']:.2f}, snapshot "
+              f"{r['snapshot_ms_per_step']:.2f}, background CPU {r['background_cpu_ms_per_step']:.2f}, close "
+              f"{r['close_ms']:.0f} ms", file=sys.stderr)
+    return out
+
+
+def recording_table(rec: list[dict]) -> str:
+    return md_table(["model", "steps × pairs", "plain s", "recording s", "throughput", "target", "loop only",
+                     "close ms (once a run)", "overhead ms/step", "Δθ + top-k ms/step", "snapshot ms/step",
+                     "background CPU ms/step"],
+                    [[r["model"], f"{r['steps']} × {r['pairs']}", f"{r['plain_s']:.2f}", f"{r['recording_s']:.2f}",
+                      f"**{r['ratio']:.2f}**", f"≥ {r['floor']}", f"{r['ratio_loop_only']:.2f}", f"{r['close_ms']:.0f}",
+                      f"{r['overhead_ms_per_step']:.2f}", f"{r['topk_ms_per_step']:.2f}",
+                      f"{r['snapshot_ms_per_step']:.2f}", f"{r['background_cpu_ms_per_step']:.2f}"] for r in rec])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser("recording", __doc__, "one short pair of runs per model (≈ 30 s)").parse_args(argv)
+    steps, repeats = STEPS[args.quick]
+    with tempfile.TemporaryDirectory(prefix="bench-recording-") as t:
+        rec = recording_overhead(Path(t), steps, repeats)
+    text = (f"# Recording overhead ({'quick' if args.quick else 'full'} run)\n\nCommand: `python -m benchmarks.recording"
+            f"{' --quick' if args.quick else ''}`; machine: {machine()}\n\n{NOTE}\n" + recording_table(rec) + "\n")
+    print(text)
+    write_results("recording", {"machine": machine(), "quick": args.quick, "recording": rec}, text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
