@@ -1,5 +1,7 @@
 """Format 2's row map: frequent commits write each shard once, and every path reads the right rows."""
 
+import os
+import time
 from collections import Counter
 
 import numpy as np
@@ -229,3 +231,50 @@ def test_reopening_after_an_interrupted_commit_records_consistently(tmp_path):
         assert [store.samples_in(s).tolist() for s in range(5)] == [list(range(4 * s, 4 * s + 4)) for s in range(5)]
         got = store.read([3, 4])  # the leftover rows were erased, not mixed into the new shard
         assert all(torch.equal(got[n].values, want[n].values) for n in want)
+
+
+def test_writer_paces_itself_beside_training(tmp_path, monkeypatch):
+    """The writer thread runs niced (Linux), its queue holds a byte budget of steps (8 to a block),
+    blocks written while training runs compress on the writer's own thread, and a flush (the caller
+    waits) compresses on the pool."""
+    import sys
+    from types import SimpleNamespace
+
+    import updatestore._writer as writer_mod
+    from updatestore._pacing import QUEUE_BYTES, WRITER_NICE, queue_steps
+
+    spec = lambda numel, k: SimpleNamespace(numel=numel, k=k)  # noqa: E731
+    assert queue_steps([spec(1000, 100)], 64) == 64  # small steps: a block's worth
+    assert queue_steps([spec(10**8, 10**7)], 64) == 8  # huge steps: never fewer than 8
+    assert queue_steps([spec(10**6, 10**5)], 1024) == QUEUE_BYTES // (10**5 * 12)
+    assert queue_steps([spec(10**6, 10**6)], 1024) == QUEUE_BYTES // (10**6 * 4)  # dense: no positions
+
+    calls = []
+    real = writer_mod.write_shards
+    monkeypatch.setattr(writer_mod, "write_shards", lambda store, items, parallel: (
+        calls.append(parallel), real(store, items, parallel=parallel)))
+    model = torch.nn.Linear(100, 150)  # 15k entries: a block of 64 KiB holds two steps
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = UpdateStore.create(tmp_path / "s", model, keep=0.5, buffer_bytes=1 << 16)
+    assert store._meta["block_steps"] == 2
+
+    def steps(rec, which):
+        for i in which:
+            with rec.batch([i]):
+                opt.zero_grad()
+                model(torch.randn(4, 100)).square().sum().backward()
+                opt.step()
+
+    with store.recorder(model, opt, commit_seconds=None) as rec:
+        writer = store._writer
+        if sys.platform.startswith("linux"):
+            assert os.getpriority(os.PRIO_PROCESS, writer._thread.native_id) == WRITER_NICE
+        assert writer._queue.maxsize == 8  # queue_steps(...) for a block of two steps
+        steps(rec, range(4))  # two blocks, written while "training" goes on
+        deadline = time.time() + 10
+        while len(calls) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert calls == [False, False]  # the queue never filled: on the writer's own thread
+        steps(rec, [4])
+        rec.state_dict()  # a flush writes the partial block while the caller waits: on the pool
+        assert calls == [False, False, True]

@@ -309,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo, passthrough=True)
 
     s = sub.add_parser("bench", help="run a benchmark script (other options go to it)")
-    s.add_argument("name", choices=["storage", "speed", "paper", "batching", "scale", "lifecycle", "readpath", "fsdp"])
+    s.add_argument("name", choices=["storage", "recording", "speed", "paper", "batching", "scale", "lifecycle", "readpath", "fsdp", "gpu"])
     s.add_argument("--quick", action="store_true")
     s.set_defaults(func=cmd_bench, passthrough=True)
     return p

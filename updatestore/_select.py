@@ -4,9 +4,10 @@ Per-layer ``torch.topk`` + ``sort`` cost ≈ 0.15 ms of dispatch per layer (1.25
 the 8-layer digits CNN, whose training step takes 3.6 ms), and the torch radix select of
 ``_pruning`` makes ~10 passes over a large layer. Here the step's Δθ of every layer lies in
 one flat float32 buffer; a numba kernel (no GIL) finds each layer's exact k-th largest |Δθ|
-— one pass over a large layer (a strided sample bounds the threshold, the entries above the
-bound are copied out, the exact threshold is found among them), histogram passes over the bits
-of |Δθ| elsewhere — and writes the kept positions (ascending; ties at the threshold taken in position order,
+— one pass over a layer of 4096 entries or more (a sample, one entry at a jittered offset in
+each run of a stride, bounds the threshold; the entries above the bound are copied out and the
+exact threshold is found among them), a partition of a copy for small layers, histogram passes
+over the bits of |Δθ| when the sample misleads — and writes the kept positions (ascending; ties at the threshold taken in position order,
 as ``radix_select`` does) and values in one ordered scan.
 """
 
