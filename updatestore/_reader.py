@@ -47,6 +47,20 @@ class Rows:
     def values(self) -> torch.Tensor:
         return self.stored.float()
 
+    @staticmethod
+    def step_bytes(spec: LayerSpec, value_dtype: str) -> int:
+        """Memory one step of ``spec`` takes once read and summed: the values as stored and the packed
+        positions row; small layers (summed with NumPy/torch) also widen values to float32 and decode
+        int64 positions, large ones are summed from the stored rows.
+
+        >>> Rows.step_bytes(store.layers[0], store.value_dtype)   # doctest: +SKIP
+        """
+        value_bytes = getattr(torch, value_dtype).itemsize
+        if spec.positions == "dense":
+            return (value_bytes + 4) * spec.k
+        packed = spec.numel // 8 if spec.positions == "bitmap" else 8 * spec.k  # gaps: widened to int64 on a GPU
+        return value_bytes * spec.k + packed + (12 * spec.k if spec.numel < NUMBA_MIN_NUMEL else 0)
+
     @cached_property
     def positions(self) -> torch.Tensor:
         n, k = self.stored.shape

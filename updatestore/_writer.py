@@ -302,8 +302,7 @@ class BlockWriter:
                     self._grown.setdefault(arr.path, (arr, "rows", arr.shape[0]))
                 shards.append((self._layout(arr), r0, buf[:n]))
         resize_all(grow)
-        # training blocked on a full queue, or a flush or close waiting: compress on every core
-        write_shards(self._root.store, shards, parallel=self._waited or self._queue.full())
+        write_shards(self._root.store, shards, parallel=self._waited)  # a flush or close waits: every core
         if not self.owner:  # a rank > 0 of a sharded store: its parts are durable up to b
             part_record(self._part[0]).write(self._root, b)
             self._written_steps = self.committed_steps = b

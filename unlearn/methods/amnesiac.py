@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from updatestore import ConfigError, CorruptStoreError, LayerSpec, OtherRankError, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
+from updatestore import ConfigError, CorruptStoreError, LayerSpec, OtherRankError, Rows, UpdateStore, canonical_name, kept_count, resolve_keep, weights_fingerprint
 from updatestore.distributed import all_ok, is_sharded, local_range, local_tensor
 
 from ..choice import Auto, choose, legacy_auto
@@ -128,18 +128,6 @@ def _accumulate(store: UpdateStore, parts: list[LayerSpec], steps: np.ndarray, d
     if bar is not None:
         bar.close()
     return accs
-
-
-def _row_bytes(spec: LayerSpec, value_bytes: int) -> int:
-    """Memory one step of a layer takes once read: the values as stored (``value_bytes`` each) and the
-    packed positions row; small layers (summed with NumPy/torch) also widen values to float32 and decode
-    int64 positions, large ones are summed from the stored rows. Counting int64 positions for every layer
-    made blocks of one step for a 29.5M-parameter GPT, and the per-call cost of 100 layers then dominated
-    unlearning (4.5 s against 1.8 s for 24 steps)."""
-    if spec.positions == "dense":
-        return (value_bytes + 4) * spec.k
-    packed = spec.numel // 8 if spec.positions == "bitmap" else 8 * spec.k  # gaps: widened to int64 on a GPU
-    return value_bytes * spec.k + packed + (12 * spec.k if spec.numel < 1 << 16 else 0)
 
 
 def _counts_for(store: UpdateStore, parts: list[LayerSpec], keep: Any, clip: bool = False) -> list[int]:
@@ -272,8 +260,10 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
                           "pass a ratio (or None)")
     parts, targets = _targets(store, pairs)
     if block_steps is None:
-        value_bytes = torch.empty(0, dtype=getattr(torch, store.value_dtype)).element_size()
-        block_steps = max(1, min(4096, BLOCK_BYTES // max(1, sum(_row_bytes(spec, value_bytes) for spec in parts))))
+        # Counting int64 positions for every layer made blocks of one step for a 29.5M-parameter GPT, and
+        # the per-call cost of 100 layers then dominated unlearning (4.5 s against 1.8 s for 24 steps).
+        step_bytes = sum(Rows.step_bytes(spec, store.value_dtype) for spec in parts)
+        block_steps = max(1, min(4096, BLOCK_BYTES // max(1, step_bytes)))
     dev = pick_device(model, device)
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
