@@ -185,7 +185,8 @@ def test_select_kernels_can_load_from_numbas_cache():
     process. The select kernels are module-level functions with no closure."""
     from updatestore import _select_jit
 
-    for kernel in (_select_jit.select, _select_jit.sampled, _select_jit.threshold):
+    for kernel in (_select_jit.select, _select_jit.sampled, _select_jit.threshold, _select_jit.emit,
+                   _select_jit.sample_at, _select_jit.stride_for):
         assert kernel.py_func.__closure__ is None
         assert kernel._cache.__class__.__name__ == "FunctionCache"  # cache=True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["select", "sampled", "sample_at", "stride_for", "threshold"]
+__all__ = ["select", "sampled", "sample_at", "stride_for", "emit", "threshold"]
 
 #: Up to this many entries the threshold comes from a partition of a copy (one introselect) instead of
 #: three histogram passes, whose 2048-bin clears and scans dominate a small layer: on the digits CNN's
@@ -54,6 +54,25 @@ def threshold(bits, a, n, k, hist_min):  # pragma: no cover - compiled
     return t, k - above
 
 @numba.njit(nogil=True, cache=True)
+def emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals):  # pragma: no cover - compiled
+    # One ordered scan of bits[a:a+n]: every entry above the threshold t and the first ``ties``
+    # equal to it, positions ascending, into out_pos/out_vals[o:o+k].
+    w = o
+    for j in range(n):
+        v = bits[a + j] & 0x7FFFFFFF
+        if v > t or (v == t and ties > 0):
+            if v == t:
+                ties -= 1
+            if w == o + k:  # never write past this segment's k (numba checks no bounds)
+                raise ValueError("top-k selection kept too many entries")
+            out_pos[w] = j
+            out_vals[w] = delta[a + j]
+            w += 1
+    if w != o + k:  # cannot happen for a consistent threshold; never hand on a short row
+        raise ValueError("top-k selection kept too few entries")
+
+
+@numba.njit(nogil=True, cache=True)
 def stride_for(n, max_stride):  # pragma: no cover - compiled
     # a sample of ~1024 entries (at least every 8th, at most every ``max_stride``-th): smaller
     # strides on mid-sized layers keep the candidates few (32k entries: 194 -> 59 µs)
@@ -76,7 +95,7 @@ def sample_at(m, stride):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pragma: no cover - compiled
-    # One pass instead of three: a strided sample gives a bound t_lo that at least k entries
+    # One pass instead of three: a sample (``sample_at``) gives a bound t_lo that at least k entries
     # reach (with margin); every entry > t_lo is copied out in position order and the entries
     # equal to t_lo are counted. With >= k candidates the exact threshold is found among them
     # only; with fewer, but >= k entries reaching t_lo, the threshold is t_lo itself and one
@@ -112,19 +131,7 @@ def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pr
     if c < k:
         if c + eq < k:
             return False
-        w, ties = o, k - c  # the threshold is t_lo: every candidate, then the first ties
-        for j in range(n):
-            v = bits[a + j] & 0x7FFFFFFF
-            if v > t_lo or (v == t_lo and ties > 0):
-                if v == t_lo:
-                    ties -= 1
-                if w == o + k:
-                    raise ValueError("top-k selection kept too many entries")
-                out_pos[w] = j
-                out_vals[w] = delta[a + j]
-                w += 1
-        if w != o + k:
-            raise ValueError("top-k selection kept too few entries")
+        emit(bits, delta, a, n, k, o, t_lo, k - c, out_pos, out_vals)  # the threshold is t_lo itself
         return True
     t, ties = threshold(cand_bits, 0, c, k, hist_min)
     w = o
@@ -151,16 +158,4 @@ def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min, sampl
         if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, s):
             continue
         t, ties = threshold(bits, a, n, k, hist_min)
-        w = o
-        for j in range(n):
-            v = bits[a + j] & 0x7FFFFFFF
-            if v > t or (v == t and ties > 0):
-                if v == t:
-                    ties -= 1
-                if w == o + k:  # never write past this segment's k (numba checks no bounds)
-                    raise ValueError("top-k selection kept too many entries")
-                out_pos[w] = j
-                out_vals[w] = delta[a + j]
-                w += 1
-        if w != o + k:  # cannot happen for a consistent threshold; never hand on a short row
-            raise ValueError("top-k selection kept too few entries")
+        emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals)
