@@ -37,7 +37,7 @@ RECORDING_TARGETS = (
 STEPS = (([1000, 120, 32], [7, 7, 5]), ([40, 6, 2], [1, 1, 1]))
 
 NOTE = ("Pairs of runs of the same steps (plain, then recording), interleaved; the median of the pairs' ratios "
-        "(this 2-core machine drifts by ±10 % between runs of plain training alone). *Throughput* counts the whole "
+        "(plain training alone on this 2-core machine varies by up to 30 % between runs). *Throughput* counts the whole "
         "recording run: the loop and closing the recorder (the last block, the arrays' trim, the index, the "
         "model's fingerprint), whose time is shown beside it; *loop only* leaves the close out. Δθ + top-k and "
         "the snapshot are the training thread's time in the recorder (`rec.seconds`); *background CPU* is the "
