@@ -229,35 +229,47 @@ def test_read_groups_cut_at_shards(small_shards, steps, max_steps):
             store.read_groups(steps[::-1], max_steps)
 
 
+def _one_layer(numel: int, k: int, positions: str, value_dtype: str):
+    from types import SimpleNamespace
+
+    from updatestore._blockrows import BlockRows
+    from updatestore._format import LayerSpec
+
+    codec = positions_codec(positions)
+    spec = LayerSpec("w", (numel,), "float32", numel, k / numel, k, positions, 8)
+    arrays = [(SimpleNamespace(dtype=values_codec(value_dtype).storage, shape=(0, k)),
+               SimpleNamespace(dtype=codec.dtype(numel), shape=(0, codec.width(numel, k))) if codec.stored else None)]
+    return BlockRows([spec], 1, values_codec(value_dtype), arrays)
+
+
 @given(st.integers(8 * 2**15, 8 * 2**15 + 77), st.floats(0.0, 1.0), st.integers(0, 2**31))
 @settings(max_examples=25, deadline=None)
 def test_compiled_bitmap_packing_equals_numpy_packbits(numel, keep, seed):
-    """Large rows are packed by a compiled kernel: byte-identical to np.packbits of the mask."""
+    """The writer packs a step's bitmaps with a compiled kernel: byte-identical to np.packbits of the mask."""
     rng = np.random.default_rng(seed)
-    pos = np.sort(rng.choice(numel, size=int(keep * numel), replace=False))
+    k = max(1, int(keep * numel))
+    pos = np.sort(rng.choice(numel, size=k, replace=False)).astype(np.int64)
     mask = np.zeros(-(-numel // 8) * 8, dtype=bool)
     mask[pos] = True
-    assert np.array_equal(positions_codec("bitmap").encode(pos, numel), np.packbits(mask))
-
-
-def test_compiled_bitmap_packing_refuses_positions_outside_the_layer():
-    numel = 8 * 2**15 + 3
-    for bad in ([numel], [-1], [0, numel + 5]):
-        with pytest.raises(CorruptRowError):
-            positions_codec("bitmap").encode(np.array(bad), numel)
+    buf = _one_layer(numel, k, "bitmap", "float32")
+    buf.positions[0][0] = 0xFF  # every byte is rewritten, zeros included
+    buf.encode(0, np.ones(k, np.float32), pos)
+    assert np.array_equal(buf.positions[0][0], np.packbits(mask))
 
 
 @given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64), st.integers(0, 2**31))
 @settings(max_examples=50, deadline=None)
 def test_compiled_bfloat16_rounding_equals_torch(head, seed):
-    """Long value rows are rounded by a compiled kernel: bit-identical to torch's float32 → bfloat16 cast
-    (round to nearest even), with ties, subnormals, infinities and overflow drawn among them."""
-    from updatestore._codecs.values import COMPILED_MIN
-
+    """Values are rounded to bfloat16 by a compiled kernel (the writer) and by NumPy (``from_float32``): both
+    bit-identical to torch's float32 → bfloat16 cast (round to nearest even), with ties, subnormals,
+    infinities and overflow drawn among them."""
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal(COMPILED_MIN + 5).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, COMPILED_MIN + 5)
+    n = 4096
+    a = rng.standard_normal(n).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, n)
     a[: len(head)] = head
     a[-4:] = [np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8), np.float32(3.3895314e38), np.float32(-np.inf)]
-    got = values_codec("bfloat16").from_float32(a)
     want = torch.from_numpy(a).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(got, want)
+    assert np.array_equal(values_codec("bfloat16").from_float32(a), want)
+    buf = _one_layer(n, n, "dense", "bfloat16")
+    assert buf.encode(0, a, np.zeros(0, np.int64)) == (False, True)  # -inf: not finite
+    assert np.array_equal(buf.values[0][0], want)

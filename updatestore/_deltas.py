@@ -79,27 +79,47 @@ class Deltas:
     def pruned(self) -> list[Row]:
         """Every layer's ``(values, positions)`` (``positions`` ``None`` for a dense layer) of θ now − θ at
         the snapshot; the tensors are new (the snapshot buffer is reused by the next snapshot)."""
-        tensors = self._tensors()
         if not self._flat:
+            tensors = self._tensors()
             rows = []
             for buf, t, (spec, _) in zip(self._before, tensors, self._params):
                 delta = torch.sub(t, buf, out=buf)  # into the snapshot buffer: no allocation
                 vals, pos = prune_topk(delta, spec.k)
                 rows.append((vals.clone() if pos is None else vals, pos))  # a dense row is that buffer
             return rows
-        torch._foreach_sub_(self._views, tensors)  # the buffer now holds before − after = −Δθ
+        vals, pos = self._fused()
+        rows, o, p = [], 0, 0
+        for k, sparse in zip(self._ks.tolist(), self._sparse.tolist()):
+            rows.append((torch.from_numpy(vals[o:o + k]), torch.from_numpy(pos[p:p + k]) if sparse else None))
+            o, p = o + k, p + (k if sparse else 0)
+        return rows
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`pruned_flat` applies (float32 parameters on the CPU; known after the first snapshot)."""
+        return bool(self._flat)
+
+    @torch.no_grad()
+    def pruned_flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of :meth:`pruned` as two new arrays, for the fused path only: every layer's kept values
+        (float32; a dense layer's are all its entries) and every sparse layer's positions (int64), in layer
+        order — what the writer encodes with one call per step (``StepRecord.flat``)."""
+        if not self._flat:
+            raise RuntimeError("internal: pruned_flat() on parameters that are not fused")
+        return self._fused()
+
+    def _fused(self) -> tuple[np.ndarray, np.ndarray]:
+        torch._foreach_sub_(self._views, self._tensors())  # the buffer now holds before − after = −Δθ
         neg = self._before.numpy()
         pos, vals = select_segments(neg, *self._select_args)  # |−Δθ| = |Δθ|: the same entries
+        if not self._sparse.all():  # dense layers' values are all their entries, in layer order
+            pieces, o = [], 0
+            for a, n, k, sparse in zip(self._starts, self._sizes, self._ks, self._sparse):
+                pieces.append(vals[o:o + k] if sparse else neg[a:a + n])
+                o += k if sparse else 0
+            vals = np.concatenate(pieces)
         # 0 − (b − a) is a − b bit for bit, zeros included (−(b − a) would turn a == b into −0.0)
-        vals = np.subtract(np.float32(0), vals)
-        rows, o = [], 0
-        for a, n, k, sparse in zip(self._starts, self._sizes, self._ks, self._sparse):
-            if sparse:
-                rows.append((torch.from_numpy(vals[o:o + k]), torch.from_numpy(pos[o:o + k])))
-                o += k
-            else:
-                rows.append((torch.from_numpy(np.subtract(np.float32(0), neg[a:a + n])), None))
-        return rows
+        return np.subtract(np.float32(0), vals), pos
 
 
 def stage(rows: list[Row]) -> tuple[list[Row], Any]:

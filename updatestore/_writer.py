@@ -26,6 +26,7 @@ from ._codecs import positions_codec, values_codec
 from ._format import (COUNTS, OWNER_COUNT, dense_array, erase_beyond, part_record, resize_all, STATUS_NONFINITE, STATUS_RECORDED,
                       STATUS_SKIPPED, LayerSpec, paths)
 from ._backend import set_durable
+from ._blockrows import BlockRows, flatten
 from ._pacing import GROW_SHARDS, ahead as _ahead, lower_priority as _lower_priority, queue_steps
 from ._format.shards import ShardLayout, write_shards
 from ._lineage import append_event
@@ -40,7 +41,9 @@ class StepRecord:
 
     ``rows`` holds, per layer in the store's order, the pruned ``(values, positions)`` tensors on the
     parameters' device (positions ``None`` for a dense layer), never written to again by the recorder;
-    ``None`` when the status stores no update.
+    ``None`` when the status stores no update. ``flat``, when given instead, holds the same rows as two
+    host arrays: every layer's kept values (float32) and every sparse layer's positions (int64), in the
+    store's layer order (what ``BlockRows.encode`` takes; the recorder's fused CPU path makes them).
     """
 
     status: int
@@ -48,6 +51,7 @@ class StepRecord:
     rows: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
     #: a CUDA event (anything with ``query()``) that completes when ``rows`` are written; ``None``: now
     ready: Any = None
+    flat: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _wait(event: Any) -> None:
@@ -123,8 +127,8 @@ class BlockWriter:
         # a shard is written once however often the loss window commits (format 1 rewrote it).
         self._row_map = row_map
         self._rows_arr = dense_array(root, paths.ROWS) if row_map else None
-        self._vals = [np.zeros((block,) + a[0].shape[1:], dtype=a[0].dtype) for a in self._arrays]
-        self._pos = [None if p is None else np.zeros((block,) + p.shape[1:], dtype=p.dtype) for _, p in self._arrays]
+        self._buf = BlockRows(specs, block, self._values, self._arrays)
+        self._vals, self._pos = self._buf.values, self._buf.positions  # each layer's rows: views of _buf
         self._status = np.zeros(block, dtype=np.uint8)
         self._ends = np.zeros(block, dtype=np.int64)
         self._pending_ids: list[np.ndarray] = []
@@ -244,34 +248,21 @@ class BlockWriter:
     def _add(self, rec: StepRecord) -> None:
         r = self._n
         status = rec.status
-        rows = None
         if status == STATUS_RECORDED:
             _wait(rec.ready)
-            # Host float32 arrays, then numpy only: torch ops on this thread would compete with the
+            # Host arrays, then numpy only: torch ops on this thread would compete with the
             # training thread's (measured: recording 1.8× slower on the digits CNN with 2 cores).
-            rows = [(v.detach().float().cpu().numpy(), None if p is None else p.cpu().numpy()) for v, p in rec.rows]
+            finite, nonzero = self._buf.encode(r, *(rec.flat if rec.flat is not None else flatten(rec.rows)))
             if self._part is None:  # decided here (a sharded store's status comes agreed across ranks)
-                if not all(np.isfinite(v).all() for v, _ in rows):
-                    status = STATUS_NONFINITE
-                elif not any(v.any() for v, _ in rows):
-                    # The kept entries are each layer's largest |Δ|: all zero means nothing changed.
-                    status = STATUS_SKIPPED
+                # The kept entries are each layer's largest |Δ|: all zero means nothing changed.
+                status = STATUS_NONFINITE if not finite else STATUS_RECORDED if nonzero else STATUS_SKIPPED
         self._status[r] = status
         if status == STATUS_NONFINITE and self.owner:
             warnings.warn(f"step {self._start + r} of store {self._where} changed the parameters by NaN or "
                           "infinity (a diverged step): its samples are indexed, its update is not stored and "
                           "cannot be subtracted", RuntimeWarning, stacklevel=1)
-        if status == STATUS_RECORDED:
-            for i, ((vals, pos), spec, codec) in enumerate(zip(rows, self._specs, self._codecs)):
-                self._vals[i][r] = self._values.from_float32(vals)
-                if self._pos[i] is not None:
-                    self._pos[i][r] = codec.encode(pos, spec.numel)
-        else:
-            # Rows of steps without a stored update are zeros (Zarr skips empty chunks).
-            for i in range(len(self._specs)):
-                self._vals[i][r] = 0
-                if self._pos[i] is not None:
-                    self._pos[i][r] = 0
+        if status != STATUS_RECORDED:
+            self._buf.clear(r)  # rows of steps without a stored update are zeros (Zarr skips empty chunks)
         self._total_samples += len(rec.ids)
         self._ends[r] = self._total_samples
         self._pending_ids.append(rec.ids)

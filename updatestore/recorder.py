@@ -299,6 +299,11 @@ class Recorder:
             raise RecorderError("internal: no parameter snapshot before this step")
         self._snap_valid = False  # the snapshot buffer now holds Δθ; manual mode snapshots again next
         t0 = time.perf_counter()
+        if not self._sharded and self._deltas.fused:  # the writer encodes two flat arrays in two calls
+            flat = self._deltas.pruned_flat()
+            self.seconds["prune"] += time.perf_counter() - t0
+            self._emit(StepRecord(STATUS_RECORDED, ids, flat=flat))  # the writer decides whether it changed
+            return
         rows = self._deltas.pruned()
         self.seconds["prune"] += time.perf_counter() - t0
         if self._sharded:  # each rank sees only its parts: whether the step changed anything is agreed

@@ -1,7 +1,8 @@
 """Registry of the value and position encodings, keyed by the names a store writes.
 
 Adding a positions encoding: write one module with a class like
-:class:`~updatestore._codecs.bitmap.Bitmap` and add it to ``POSITIONS`` below.
+:class:`~updatestore._codecs.bitmap.Bitmap`, add it to ``POSITIONS`` below, and give it a kind in
+the writer's step encoder (``_jit.encode_positions``, ``_blockrows.BlockRows``).
 A name read from a store that is not registered is an ``UnsupportedFormatError``,
 never a fallback to another decoder.
 """

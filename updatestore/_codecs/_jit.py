@@ -1,9 +1,10 @@
 """Compiled encoders of the writer thread (numba; imported on their first use, not with the package).
 
-A large layer's row was a bool mask of ``numel`` bytes set at the positions then ``np.packbits``
-(three passes over ``numel`` bytes), and bfloat16 rounding five NumPy passes over the values: 8 and
-3 ms a step for the 11M-parameter CNN of ``benchmarks/speed.py``, on a thread that shares the cores
-with training. These write the packed row and the rounded values in one pass each. Module level,
+One call each encodes a whole step: every layer's values rounded to bfloat16 (with the checks that
+decide the step's status), every sparse layer's positions packed into its bitmap or gap row. Per
+layer, a large row was a bool mask of ``numel`` bytes and ``np.packbits`` (8 ms a step for the 11M
+CNN), a small one a handful of NumPy calls (0.23 ms a step of writer CPU on the 8-layer digits CNN).
+The codecs' own ``encode`` methods are the per-row reference the tests hold these to. Module level,
 so that numba's on-disk cache serves every process (see ``_select_jit``).
 """
 
@@ -12,28 +13,48 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["pack_bitmap", "round_bfloat16"]
+__all__ = ["encode_positions", "encode_bfloat16"]
 
 
 @numba.njit(nogil=True, cache=True)
-def pack_bitmap(positions, limit, out):  # pragma: no cover - compiled
-    # Set bit p (most significant bit first) of the zeroed row ``out`` for every p; returns how many
-    # positions lie outside 0..limit-1 (the caller refuses the row: nothing out of range is written).
-    bad = 0
-    limit = min(limit, out.size * 8)
-    for i in range(positions.size):
-        p = positions[i]
-        if p < 0 or p >= limit:
-            bad += 1
+def encode_positions(pos, tables, bitmaps, gaps16, gaps32):  # pragma: no cover - compiled
+    # Every sparse layer of one step. ``tables`` rows: kind, k, numel, src, dst per layer. Layer i's k
+    # positions pos[src:src+k] (ascending) become its packed row at dst of the step's row of its dtype:
+    # a bitmap (kind 1: bytes zeroed, then bit p set, most significant first) or gaps (2: uint16, 3:
+    # uint32; column 0 absolute). Kind 0 (dense) has none. Returns the first layer whose positions are
+    # out of range or not strictly increasing (the caller refuses the step), else -1.
+    for i in range(tables.shape[1]):
+        kind, k, n, a, o = tables[0, i], tables[1, i], tables[2, i], tables[3, i], tables[4, i]
+        if kind == 0 or k == 0:
             continue
-        out[p >> 3] |= np.uint8(128 >> (p & 7))
-    return bad
+        bad = pos[a] < 0 or pos[a + k - 1] >= n
+        for j in range(a + 1, a + k):  # strictly increasing, so all within 0..n-1: checked before any write
+            bad |= pos[j] <= pos[j - 1]
+        if bad:
+            return i
+        if kind == 1:
+            bitmaps[o: o + (n + 7) // 8] = 0
+            for j in range(a, a + k):
+                p = pos[j]
+                bitmaps[o + (p >> 3)] |= np.uint8(128 >> (p & 7))
+        if kind == 2:
+            gaps16[o] = pos[a]
+            for j in range(1, k):
+                gaps16[o + j] = pos[a + j] - pos[a + j - 1]
+        elif kind == 3:
+            gaps32[o] = pos[a]
+            for j in range(1, k):
+                gaps32[o + j] = pos[a + j] - pos[a + j - 1]
+    return -1
 
 
 @numba.njit(nogil=True, cache=True)
-def round_bfloat16(bits, out):  # pragma: no cover - compiled
-    # float32 bits -> bfloat16 bits, round to nearest even: ValuesCodec.from_float32's formula
-    # (in int64, whose low 16 bits after the shift equal its uint32 wrap-around)
+def encode_bfloat16(bits, out):  # pragma: no cover - compiled
+    # round_bfloat16, and what the writer decides the step's status by: bit 0 set if some value is NaN or
+    # infinite (exponent all ones), bit 1 if some value is non-zero (either sign of zero counts as zero)
+    flags = 0
     for i in range(bits.size):
         b = np.int64(bits[i])
         out[i] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        flags |= (1 if (b & 0x7F800000) == 0x7F800000 else 0) | (2 if (b & 0x7FFFFFFF) != 0 else 0)
+    return flags

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from .base import CorruptRowError
-from .values import COMPILED_MIN
 
 __all__ = ["Bitmap", "bitmap_nbytes"]
 
@@ -33,14 +32,7 @@ class Bitmap:
         return np.dtype("uint8")
 
     def encode(self, positions: np.ndarray, numel: int) -> np.ndarray:
-        if numel >= 8 * COMPILED_MIN:  # one pass over the positions, not three over numel bytes
-            from ._jit import pack_bitmap
-
-            out = np.zeros(bitmap_nbytes(numel), dtype=np.uint8)
-            pos = np.ascontiguousarray(positions, dtype=np.int64)
-            if pack_bitmap(pos, numel, out):
-                raise CorruptRowError(f"positions outside a layer of {numel} entries")
-            return out
+        # The reference for one row; the writer packs a whole step at once (``_jit.encode_positions``).
         mask = np.zeros(bitmap_nbytes(numel) * 8, dtype=bool)
         mask[positions] = True
         return np.packbits(mask)

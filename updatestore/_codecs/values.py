@@ -12,11 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ValuesCodec", "VALUES", "COMPILED_MIN"]
+__all__ = ["ValuesCodec", "VALUES"]
 
-#: Rows at least this long are encoded by the compiled kernels of ``_jit`` (numba is loaded for them);
-#: shorter ones with NumPy, fast enough there.
-COMPILED_MIN = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -29,13 +26,7 @@ class ValuesCodec:
         """float32 values → the storage dtype, in numpy (bfloat16: round to nearest even, as torch does)."""
         a = np.ascontiguousarray(values, dtype=np.float32)
         if self.name == "bfloat16":
-            bits = a.view(np.uint32)
-            if a.size >= COMPILED_MIN:  # one compiled pass instead of five NumPy ones
-                from ._jit import round_bfloat16
-
-                out = np.empty(a.shape, np.uint16)
-                round_bfloat16(bits.reshape(-1), out.reshape(-1))
-                return out
+            bits = a.view(np.uint32)  # the writer rounds a whole step at once (``_jit.encode_bfloat16``)
             return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
         with np.errstate(over="ignore"):  # float16 overflows to inf, as torch's cast does (FORMAT.md)
             return a.astype(self.storage, copy=False)
