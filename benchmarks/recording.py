@@ -1,7 +1,7 @@
 """Recording overhead: plain training against the same training with a store attached (keep 0.1
 bf16), on the three CPU targets of issue #16, side by side in one run.
 
-Run: ``python -m benchmarks.recording [--quick]`` (≈ 6 minutes on 2 CPU cores; ``--quick`` ≈ 30 s).
+Run: ``python -m benchmarks.recording [--quick] [--malloc fixed]`` (≈ 6 minutes on 2 CPU cores; ``--quick`` ≈ 30 s).
 ``python -m benchmarks.speed`` runs it too, as the first table of ``speed.md``.
 """
 
@@ -37,7 +37,8 @@ RECORDING_TARGETS = (
 STEPS = (([1000, 120, 32], [7, 7, 5]), ([40, 6, 2], [1, 1, 1]))
 
 NOTE = ("Pairs of runs of the same steps (plain, then recording), interleaved; the median of the pairs' ratios "
-        "(plain training alone on this 2-core machine varies by up to 30 % between runs). *Throughput* counts the whole "
+        "(plain training alone on this 2-core machine varies by up to 30 % between runs with glibc's default malloc, whose "
+        "page faults in torch's own allocations `--malloc fixed` removes). *Throughput* counts the whole "
         "recording run: the loop and closing the recorder (the last block, the arrays' trim, the index, the "
         "model's fingerprint), whose time is shown beside it; *loop only* leaves the close out. Δθ + top-k and "
         "the snapshot are the training thread's time in the recorder (`rec.seconds`); *background CPU* is the "
@@ -128,15 +129,36 @@ def recording_table(rec: list[dict]) -> str:
                       f"{r['snapshot_ms_per_step']:.2f}", f"{r['background_cpu_ms_per_step']:.2f}"] for r in rec])
 
 
+#: ``--malloc fixed``: glibc's allocator told to keep freed memory (both arms run with it). With its
+#: defaults, torch's per-step activations were returned to the OS and faulted back in: 0.05–1.3 million
+#: minor page faults per 120 steps of the 28×28 net, in plain runs too, varying from run to run, and
+#: more of them with a recorder attached even when it did no work (its threads and buffers move where
+#: glibc's adaptive thresholds settle). This setting removed them (sys time 27 → 7 s over a full run).
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser("recording", __doc__, "one short pair of runs per model (≈ 30 s)").parse_args(argv)
+    ap = parser("recording", __doc__, "one short pair of runs per model (≈ 30 s)")
+    ap.add_argument("--malloc", choices=("default", "fixed"), default="default",
+                    help="glibc malloc as the process started (default) or with FIXED_MALLOC's settings (re-executes "
+                         "this benchmark with them; results go to recording-fixed-malloc.*)")
+    args = ap.parse_args(argv)
+    fixed = all(os.environ.get(k) == v for k, v in FIXED_MALLOC.items())
+    if args.malloc == "fixed" and not fixed:  # glibc reads them once, at start: run again with them
+        cmd = [sys.executable, "-m", "benchmarks.recording", *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, cmd, {**os.environ, **FIXED_MALLOC})
     steps, repeats = STEPS[args.quick]
     with tempfile.TemporaryDirectory(prefix="bench-recording-") as t:
         rec = recording_overhead(Path(t), steps, repeats)
+    malloc = ("glibc malloc with " + ", ".join(f"`{k}={v}`" for k, v in FIXED_MALLOC.items()) + " (both arms)"
+              if fixed else "glibc malloc as the process started (its defaults unless the environment set them)")
+    flags = (" --quick" if args.quick else "") + (" --malloc fixed" if args.malloc == "fixed" else "")
     text = (f"# Recording overhead ({'quick' if args.quick else 'full'} run)\n\nCommand: `python -m benchmarks.recording"
-            f"{' --quick' if args.quick else ''}`; machine: {machine()}\n\n{NOTE}\n" + recording_table(rec) + "\n")
+            f"{flags}`; machine: {machine()}; {malloc}\n\n{NOTE}\n" + recording_table(rec) + "\n")
     print(text)
-    write_results("recording", {"machine": machine(), "quick": args.quick, "recording": rec}, text, args.out)
+    write_results("recording-fixed-malloc" if args.malloc == "fixed" else "recording",
+                  {"machine": machine(), "quick": args.quick, "malloc": dict(FIXED_MALLOC) if fixed else "as started",
+                   "recording": rec}, text, args.out)
     return 0
 
 
