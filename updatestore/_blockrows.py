@@ -23,6 +23,7 @@ from .errors import UnsupportedFormatError
 
 __all__ = ["BlockRows", "flatten"]
 
+
 def flatten(rows: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer ``(values, positions)`` tensors (on the host) as the two flat arrays ``BlockRows.encode`` takes."""
     vals = [v.detach().float().cpu().numpy().reshape(-1) for v, _ in rows]

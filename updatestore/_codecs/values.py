@@ -15,7 +15,6 @@ import torch
 __all__ = ["ValuesCodec", "VALUES"]
 
 
-
 @dataclass(frozen=True)
 class ValuesCodec:
     name: str
