@@ -128,7 +128,6 @@ class BlockWriter:
         self._row_map = row_map
         self._rows_arr = dense_array(root, paths.ROWS) if row_map else None
         self._buf = BlockRows(specs, block, self._values, self._arrays)
-        self._vals, self._pos = self._buf.values, self._buf.positions  # each layer's rows: views of _buf
         self._status = np.zeros(block, dtype=np.uint8)
         self._ends = np.zeros(block, dtype=np.int64)
         self._pending_ids: list[np.ndarray] = []
@@ -284,7 +283,7 @@ class BlockWriter:
         self._rows_end = max(self._rows_end, r1)
         shards = []  # every write starts a shard (format 2: each commit a new one; 1 and 3: the block's)
         grow = []
-        for (varr, parr), vbuf, pbuf in zip(self._arrays, self._vals, self._pos):
+        for (varr, parr), vbuf, pbuf in zip(self._arrays, self._buf.values, self._buf.positions):
             for arr, buf in ((varr, vbuf), (parr, pbuf)):
                 if arr is None:
                     continue
@@ -367,8 +366,8 @@ class BlockWriter:
     def _reload_tail(self) -> None:
         a, b = self._start, self._start + self._n
         for i, (varr, parr) in enumerate(self._arrays):
-            self._vals[i][: self._n] = varr[a:b]
+            self._buf.values[i][: self._n] = varr[a:b]
             if parr is not None:
-                self._pos[i][: self._n] = parr[a:b]
+                self._buf.positions[i][: self._n] = parr[a:b]
         self._status[: self._n] = self._status_arr[a:b]
         self._ends[: self._n] = self._end_arr[a:b]

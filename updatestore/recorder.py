@@ -299,22 +299,18 @@ class Recorder:
             raise RecorderError("internal: no parameter snapshot before this step")
         self._snap_valid = False  # the snapshot buffer now holds Δθ; manual mode snapshots again next
         t0 = time.perf_counter()
-        if not self._sharded and self._deltas.fused:  # the writer encodes two flat arrays in two calls
-            flat = self._deltas.pruned_flat()
-            self.seconds["prune"] += time.perf_counter() - t0
-            self._emit(StepRecord(STATUS_RECORDED, ids, flat=flat))  # the writer decides whether it changed
-            return
-        rows = self._deltas.pruned()
+        # On the fused CPU path the step goes over as two flat arrays, which the writer encodes in two calls
+        flat = self._deltas.pruned_flat() if self._deltas.fused and not self._sharded else None
+        rows = self._deltas.pruned() if flat is None else None
         self.seconds["prune"] += time.perf_counter() - t0
-        if self._sharded:  # each rank sees only its parts: whether the step changed anything is agreed
+        status = STATUS_RECORDED  # whether the step changed anything is decided by the writer, unless sharded:
+        if self._sharded:  # each rank sees only its parts, so it is agreed
             status = step_status([v for v, _ in rows], self._group)
             if status != STATUS_RECORDED:
                 self._emit(StepRecord(status, ids))
                 return
-        else:
-            status = STATUS_RECORDED  # whether the step changed anything is decided by the writer
-        rows, ready = stage(rows)  # GPU rows: copied to pinned host memory on a side stream
-        self._emit(StepRecord(status, ids, rows, ready))
+        rows, ready = stage(rows) if rows is not None else (None, None)  # GPU rows: to pinned memory, side stream
+        self._emit(StepRecord(status, ids, rows, ready, flat))
 
     def _emit(self, record: StepRecord) -> None:
         t0 = time.perf_counter()
