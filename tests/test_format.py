@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import pytest
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import make_tiny, train, read_rows
 from updatestore import UpdateStore
@@ -120,3 +122,40 @@ def test_store_written_by_0_1_0_opens_and_unlearns_identically(tmp_path):
     want = load_file(str(FIXTURE / "expected_after.safetensors"))
     for name, value in model.state_dict().items():
         assert torch.equal(value, want[name]), name
+
+
+@given(st.integers(1, 1 << 30), st.sampled_from([1 << 16, 1 << 18, 1 << 19]))
+def test_even_blocks_leave_under_16_bytes_a_block(nbytes, target):
+    from updatestore._format.tree import even_blocks
+
+    b = even_blocks(nbytes, target)
+    n = -(-nbytes // target)
+    assert b % 16 == 0 and 16 <= b <= max(16, target)
+    if nbytes >= 16 * n:
+        assert n * b <= nbytes and nbytes - n * b < 16 * n
+
+
+def test_large_bfloat16_values_are_bit_shuffled_in_even_blocks(tmp_path):
+    from updatestore._format.tree import BITSHUFFLE_MIN, even_blocks
+
+    model = make_tiny(d_in=2000, hidden=512)  # fc1: 1M entries, kept rows of 200 KB
+    with UpdateStore.create(tmp_path / "s.zarr", model, keep=0.1) as store:
+        train(store, model, steps=3, batch=4)
+        specs = {s.name: s for s in store.layers}
+    root = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    for name, spec in specs.items():
+        blosc = root[f"layers/{name}/values"].metadata.codecs[0].codecs[1]
+        nbytes = spec.chunk_rows * spec.k * 2
+        if nbytes >= BITSHUFFLE_MIN:
+            assert (blosc.shuffle.name, blosc.blocksize) == ("bitshuffle", even_blocks(nbytes)), name
+        else:
+            assert (blosc.shuffle.name, blosc.blocksize) == ("shuffle", 1 << 19), name
+    assert any(s.chunk_rows * s.k * 2 >= BITSHUFFLE_MIN for s in specs.values())
+    assert any(s.chunk_rows * s.k * 2 < BITSHUFFLE_MIN for s in specs.values())
+    # zarr-python and the library's own shard reader read the same rows
+    from updatestore._format.shards import ShardLayout, read_rows as read_shards
+
+    arr = root["layers/fc1.weight/values"]
+    got, = read_shards(arr.store, [ShardLayout.of(arr)], np.arange(3))
+    np.testing.assert_array_equal(got, arr[:])
+    assert got.any()

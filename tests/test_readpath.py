@@ -155,3 +155,23 @@ def test_damaged_shards_are_a_clean_error_and_nothing_changes(store_path, how):
             unlearn.amnesiac(model, store, [0])
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])
+
+
+def test_rows_in_absent_shards_read_as_zeros_not_leftover_memory(store_path, monkeypatch):
+    # read_rows fills its outputs chunk by chunk; rows no chunk covers must come back as Zarr's fill value
+    model = make_tiny(d_in=300, hidden=256)
+    with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
+        train(store, model, steps=11, batch=4)
+    arrays = _layer_arrays(store_path)
+    lay = ShardLayout.of(arrays[0])
+    (store_path / f"{lay.key(1)}").unlink()  # the second shard of values: its rows are now absent
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda shape, dtype=float, **kw: np.full(shape, 0xAB, dtype))
+    rows = np.arange(11)
+    got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows)
+    monkeypatch.setattr(np, "empty", real_empty)
+    hit = (rows // lay.shard_rows) == 1
+    assert hit.any() and not hit.all()
+    assert not got[0][hit].any()
+    for a, g in zip(arrays, got):
+        np.testing.assert_array_equal(g, a[rows])
