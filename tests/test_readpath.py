@@ -175,3 +175,24 @@ def test_rows_in_absent_shards_read_as_zeros_not_leftover_memory(store_path, mon
     assert not got[0][hit].any()
     for a, g in zip(arrays, got):
         np.testing.assert_array_equal(g, a[rows])
+
+
+def test_read_kernels_load_from_numbas_cache(tmp_path):
+    """Module-level, no closure, cache=True, and a second process finds them in numba's on-disk cache."""
+    import subprocess
+    import sys
+
+    from updatestore import _kernels_jit
+
+    for kernel in (_kernels_jit.bitmap_add, _kernels_jit.gaps_add):
+        assert kernel.py_func.__closure__ is None
+        assert kernel._cache.__class__.__name__ == "FunctionCache"
+    code = ("import numpy as np, torch\n"
+            "from updatestore._kernels import _add_numba\n"
+            "from updatestore import _kernels_jit as j\n"
+            "out = torch.zeros(1 << 17)\n"
+            "_add_numba(out, np.full((1, 1 << 14), 1, np.uint8), torch.ones(1, 1 << 14), 'bitmap')\n"
+            "assert out[7::8].eq(1).all() and out.sum() == 1 << 14\n"
+            "print(sum(j.bitmap_add.stats.cache_hits.values()))\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in range(2)]
+    assert sum(int(r.stdout.split()[-1]) for r in runs) >= 1, [r.stdout for r in runs]

@@ -2,9 +2,9 @@
 
 Decoding a 4.2M-entry bitmap row to int64 positions and scatter-adding them cost 18 ms with
 NumPy; walking its set bits in a compiled loop and adding in place costs 1.5 ms (numba; measured
-on the 4.3M-parameter MLP of ``benchmarks/readpath.py``). The CPU kernels are compiled with numba on first use (its
-import and the cached compile cost ≈ 0.8 s once per process, so small layers, where NumPy is
-fast enough, never trigger it). On a GPU the same sums are torch ops with no host
+on the 4.3M-parameter MLP of ``benchmarks/readpath.py``). The CPU kernels (``_kernels_jit``) are
+numba functions in its on-disk cache, imported on first use (≈ 0.5 s once per process, so small
+layers, where NumPy is fast enough, never trigger it). On a GPU the same sums are torch ops with no host
 synchronisation: only the packed rows cross the bus.
 
 Every kernel trusts rows the reader validated (exactly ``k`` positions below ``numel``) but
@@ -12,8 +12,6 @@ still refuses, rather than writes, anything out of range.
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import torch
@@ -24,92 +22,12 @@ __all__ = ["add_packed", "as_tensor", "NUMBA_MIN_NUMEL"]
 
 #: Layers at least this large are summed by the compiled kernels; smaller ones with NumPy/torch.
 NUMBA_MIN_NUMEL = 1 << 16
-_lock = threading.Lock()
-_compiled: dict[str, object] = {}
-
-# A bitmap packs positions most-significant-bit first; reversing the bits of every byte of a
-# little-endian 64-bit word makes position order equal to bit order, so the lowest set bit is
-# the next position. Its index comes from a de Bruijn multiply (portable, no intrinsics).
-_DEBRUIJN = 0x03F79D71B4CB0A89
-_DEBRUIJN_TABLE = np.zeros(64, dtype=np.int64)
-for _i in range(64):
-    _DEBRUIJN_TABLE[(((1 << _i) * _DEBRUIJN) & (2**64 - 1)) >> 58] = _i
 
 
 def _kernels() -> dict[str, object]:
-    with _lock:
-        if not _compiled:
-            import numba
+    from . import _kernels_jit  # numba: imported on first use, not with the package
 
-            table, debruijn = _DEBRUIJN_TABLE, np.uint64(_DEBRUIJN)
-            m1, m2, m4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
-            one, s1, s2, s4, s58 = np.uint64(1), np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(58)
-
-            @numba.njit(nogil=True, cache=True)
-            def bitmap_add(acc, bits, vals, shift, lo, hi, start):  # pragma: no cover - compiled
-                # words [lo, hi) of every row (the tail bytes too when hi is the last word);
-                # start[s] = set bits of row s before word lo, i.e. the index of its next value.
-                # vals are float32 bits (uint32, shift 0) or bfloat16 bits (uint16, shift 16),
-                # widened here: a block never holds a float32 copy of its bfloat16 values.
-                n, w = bits.shape
-                k = vals.shape[1]
-                numel = acc.size
-                nw = w // 8
-                word = np.empty(1, np.uint32)
-                real = word.view(np.float32)
-                for s in range(n):
-                    row = bits[s]
-                    v = vals[s]
-                    words = row[: nw * 8].view(np.uint64)
-                    j = start[s]
-                    for wi in range(lo, hi):
-                        x = words[wi]
-                        if x == 0:
-                            continue
-                        x = ((x >> s1) & m1) | ((x & m1) << s1)
-                        x = ((x >> s2) & m2) | ((x & m2) << s2)
-                        x = ((x >> s4) & m4) | ((x & m4) << s4)
-                        base = wi * 64
-                        while x:
-                            p = base + table[((x & (~x + one)) * debruijn) >> s58]
-                            if j >= k or p >= numel:
-                                return s
-                            word[0] = np.uint32(v[j]) << shift
-                            acc[p] += real[0]
-                            j += 1
-                            x &= x - one
-                    if hi == nw:
-                        for i in range(nw * 8, w):
-                            byte = row[i]
-                            for b in range(8):
-                                if byte & (128 >> b):
-                                    p = i * 8 + b
-                                    if j >= k or p >= numel:
-                                        return s
-                                    word[0] = np.uint32(v[j]) << shift
-                                    acc[p] += real[0]
-                                    j += 1
-                return -1
-
-            @numba.njit(nogil=True, cache=True)
-            def gaps_add(acc, gaps, vals, shift, lo, hi, start):  # pragma: no cover - compiled
-                # columns [lo, hi) of every row; start[s] = position before column lo; vals as above
-                n = gaps.shape[0]
-                numel = acc.size
-                word = np.empty(1, np.uint32)
-                real = word.view(np.float32)
-                for s in range(n):
-                    p = start[s]
-                    for j in range(lo, hi):
-                        p += gaps[s, j]
-                        if p >= numel:
-                            return s
-                        word[0] = np.uint32(vals[s, j]) << shift
-                        acc[p] += real[0]
-                return -1
-
-            _compiled.update(bitmap=bitmap_add, gaps=gaps_add)
-    return _compiled
+    return {"bitmap": _kernels_jit.bitmap_add, "gaps": _kernels_jit.gaps_add}
 
 
 def _add_numba(out: torch.Tensor, packed: np.ndarray, values: torch.Tensor, codec: str) -> None:
