@@ -1,6 +1,5 @@
 """The Hugging Face Trainer callback, against the real ``transformers`` package (tiny GPT-2, CPU)."""
 
-import numpy as np
 import pytest
 import torch
 
