@@ -18,45 +18,24 @@ from numba.extending import intrinsic
 __all__ = ["bitmap_add", "gaps_add"]
 
 
-@intrinsic
-def _bswap(typingctx, x):  # pragma: no cover - compiled
-    if x != types.uint64:
-        return None
+def _word_op(name: str, build, result=types.int64):
+    """An intrinsic ``uint64 -> result`` whose code is ``build(context, builder, x)``."""
+    def typer(typingctx, x):  # pragma: no cover - compiled
+        if x != types.uint64:
+            return None
 
-    def codegen(context, builder, signature, args):
-        return builder.bswap(args[0])
-    return types.uint64(types.uint64), codegen
-
-
-@intrinsic
-def _ctlz(typingctx, x):  # pragma: no cover - compiled
-    # leading zeros of a non-zero word, as int64 (the callers index with it)
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctlz(args[0], context.get_constant(types.boolean, True))
-    return types.int64(types.uint64), codegen
+        def codegen(context, builder, signature, args):
+            return build(context, builder, args[0])
+        return result(types.uint64), codegen
+    typer.__name__ = typer.__qualname__ = name  # numba names (and caches) an intrinsic by its function
+    return intrinsic(typer)
 
 
-@intrinsic
-def _cttz(typingctx, x):  # pragma: no cover - compiled
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], context.get_constant(types.boolean, True))
-    return types.int64(types.uint64), codegen
-
-
-@intrinsic
-def _popcount(typingctx, x):  # pragma: no cover - compiled
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-    return types.int64(types.uint64), codegen
+_bswap = _word_op("_bswap", lambda ctx, b, x: b.bswap(x), types.uint64)
+# leading/trailing zeros of a non-zero word, and its set bits, as int64 (the callers index with them)
+_ctlz = _word_op("_ctlz", lambda ctx, b, x: b.ctlz(x, ctx.get_constant(types.boolean, True)))
+_cttz = _word_op("_cttz", lambda ctx, b, x: b.cttz(x, ctx.get_constant(types.boolean, True)))
+_popcount = _word_op("_popcount", lambda ctx, b, x: b.ctpop(x))
 
 
 @intrinsic
