@@ -224,16 +224,17 @@ def even_blocks(nbytes: int, target: int = 1 << 19) -> int:
     return max(16, nbytes // n // 16 * 16)
 
 
-def values_blosc(codec: str, value_dtype: str, chunk_bytes: int) -> dict[str, Any]:
+def values_blosc(codec: str, value_dtype: str, chunk_bytes: int, positions: str) -> dict[str, Any]:
     """Blosc settings of a layer's ``values`` array whose inner chunks hold ``chunk_bytes``.
 
-    Under zstd, bfloat16 chunks of ≥ 64 KiB are bit-shuffled in even blocks: on the keep-0.1 rows
-    of ``benchmarks/readpath.py``'s 4.2M-parameter MLP (100 steps, one thread) they stored 1 %
-    fewer bytes than byte-shuffled ones, compressed 1.7× and decompressed 1.8× faster (700 vs 410,
-    1458 vs 807 MB/s). Smaller chunks (a digits CNN's layers) stored 3 % more bit-shuffled: kept
-    byte-shuffled.
+    Under zstd, bfloat16 chunks of ≥ 64 KiB of a bitmap layer (top-k rows at keep ≳ 0.03) are
+    bit-shuffled in even blocks: on the keep-0.1 rows of ``benchmarks/readpath.py``'s 4.2M-parameter
+    MLP (100 steps, one thread) they stored 1 % fewer bytes than byte-shuffled ones, compressed 1.7×
+    and decompressed 1.8× faster (700 vs 410, 1458 vs 807 MB/s); the 11M CNN's store at keep 0.1
+    1 % smaller (``benchmarks/storage.py``). Dense rows (keep 1.0) stored 13 % more bit-shuffled on
+    that CNN, and smaller chunks (a digits CNN's layers) 3 % more: they stay byte-shuffled.
     """
-    if codec == "zstd" and value_dtype == "bfloat16" and chunk_bytes >= BITSHUFFLE_MIN:
+    if codec == "zstd" and value_dtype == "bfloat16" and positions == "bitmap" and chunk_bytes >= BITSHUFFLE_MIN:
         return dict(cname="zstd", shuffle="bitshuffle", blocksize=even_blocks(chunk_bytes))
     return VALUES_BLOSC[codec]
 
@@ -278,7 +279,7 @@ def create_tree(root: zarr.Group, specs: list[LayerSpec], block: int, config: St
     vdt = values_codec(config.value_dtype).storage
     for s in specs:
         g = root.create_group(s.path, attributes={"updatestore": s.to_json()})
-        blosc = values_blosc(config.codec, config.value_dtype, s.chunk_rows * s.k * vdt.itemsize)
+        blosc = values_blosc(config.codec, config.value_dtype, s.chunk_rows * s.k * vdt.itemsize, s.positions)
         arr = g.create_array("values", shape=(0, s.k), dtype=vdt, chunks=(s.chunk_rows, s.k),
                              shards=(block, s.k), compressors=_compressors(config.clevel, **blosc), fill_value=0)
         digests[paths.values(s.name)] = array_digest(arr)
