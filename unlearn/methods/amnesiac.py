@@ -174,7 +174,7 @@ def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
                     f"more than max_update={max_update:g} × (max|θ| + 1) = {bound:.3g}: the store is probably forged "
                     "or damaged; nothing was applied (pass max_update=None to apply it anyway)")
         new = p.detach() - delta.view(p.shape).to(device=p.device, dtype=p.dtype)
-        if new.numel() and not all(map(math.isfinite, torch.aminmax(new.view(-1)))):
+        if new.numel() and not math.isfinite(_max_abs(new)):
             raise NonFiniteUpdateError(
                 f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
                 "nothing was applied (check the store with `updatestore info`)"
@@ -309,8 +309,9 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         name = spec.name if spec.part is None else spec.part[0]
         kept[name] = kept.get(name, 0) + k
     # hashed now (a deferred commit must log these weights, not what the model holds by then), and only
-    # for the ledger: it reads every weight (11 of 450 ms on benchmarks/readpath.py's MLP)
-    after = weights_fingerprint(model) if applied and ledger and first else req.fingerprint
+    # for the ledger: it reads every weight (11 of 450 ms on benchmarks/readpath.py's MLP). On every rank,
+    # not only the one that writes it: an FSDP model's fingerprint gathers each parameter (a collective).
+    after = weights_fingerprint(model) if applied and ledger else req.fingerprint
 
     def commit() -> tuple[int | None, bool]:
         entry = log(store, req, after, method=method, kept=kept) if applied and ledger and first else None

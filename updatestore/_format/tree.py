@@ -201,7 +201,7 @@ def _compressors(clevel: int, shuffle: str, cname: str = "zstd", blocksize: int 
 #: one 512 KiB block stored 3 % less than in Blosc's own (small) blocks and decompressed 1.25× faster
 #: (0.71 vs 0.56 GB/s); lz4 on bit-shuffled values decompressed at 2.2 GB/s and compressed 3× faster,
 #: for 9 % more bytes there (more at keep 0.01 and 1.0: see StoreConfig). Positions are zstd in both:
-#: lz4 stored bitmaps 37 % larger. Large bfloat16 chunks are bit-shuffled instead (``values_blosc``).
+#: lz4 stored bitmaps 37 % larger. Large bfloat16 chunks of bitmap layers are bit-shuffled instead (``values_blosc``).
 VALUES_BLOSC = {"zstd": dict(cname="zstd", shuffle="shuffle", blocksize=1 << 19),
                 "lz4": dict(cname="lz4", shuffle="bitshuffle", blocksize=0)}
 
