@@ -144,6 +144,7 @@ class BlockWriter:
         self._grown: dict[str, tuple[zarr.Array, str, int]] = {}  # grown ahead: (array, of what, length before)
         self._error: BaseException | None = None
         self._waited = False  # a flush or close waits on the write in progress
+        self._last = False  # the write in progress is the last: arrays grow to exactly what it needs
         if max_queue is None:
             max_queue = queue_steps(specs, block)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -212,11 +213,12 @@ class BlockWriter:
                 try:
                     if self._error is None:
                         self._waited = True  # the caller waits for this write: compress on every core
+                        self._last = item[0] is _STOP
                         self._write_block()
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     self._error = exc
                 finally:
-                    self._waited = False
+                    self._waited = self._last = False
                 item[1].set()
                 if item[0] is _STOP:
                     return
@@ -278,19 +280,33 @@ class BlockWriter:
             self._start, self._n = b, 0
             self._row0 = -(-(self._row0 + n) // self._block) * self._block
 
+    def _grow(self, grow: list, arr: zarr.Array, need: int, unit: int, what: str) -> None:
+        """Grow ``arr`` to hold ``need`` rows, ahead to a multiple of ``unit`` unless this is the last
+        write (growing ahead, then shrinking back at close, rewrote each zarr.json twice)."""
+        if arr.shape[0] < need:
+            grow.append((arr, (need if self._last else _ahead(need, unit),) + arr.shape[1:]))
+            self._grown.setdefault(arr.path, (arr, what, arr.shape[0]))
+
     def _write_rows(self, a: int, b: int, n: int) -> None:
         r0, r1 = self._row0, self._row0 + n
         self._rows_end = max(self._rows_end, r1)
+        new_ids = np.concatenate(self._pending_ids) if self._pending_ids else np.zeros(0, np.int64)
+        m0, m1 = self._written_samples, self._written_samples + len(new_ids)
         shards = []  # every write starts a shard (format 2: each commit a new one; 1 and 3: the block's)
-        grow = []
+        grow: list = []  # every array this write grows, resized at once (uncommitted until COUNTS is written)
         for (varr, parr), vbuf, pbuf in zip(self._arrays, self._buf.values, self._buf.positions):
             for arr, buf in ((varr, vbuf), (parr, pbuf)):
-                if arr is None:
-                    continue
-                if arr.shape[0] < r1:
-                    grow.append((arr, (_ahead(r1, self._block * GROW_SHARDS),) + arr.shape[1:]))
-                    self._grown.setdefault(arr.path, (arr, "rows", arr.shape[0]))
-                shards.append((self._layout(arr), r0, buf[:n]))
+                if arr is not None:
+                    self._grow(grow, arr, r1, self._block * GROW_SHARDS, "rows")
+                    shards.append((self._layout(arr), r0, buf[:n]))
+        vectors = [(self._status_arr, self._status), (self._end_arr, self._ends)]
+        if self._rows_arr is not None:
+            vectors.append((self._rows_arr, np.arange(r0, r1, dtype=np.int64)))
+        if self.owner:
+            for arr, _ in vectors:
+                self._grow(grow, arr, b, arr.chunks[0], "steps")
+            if len(new_ids):
+                self._grow(grow, self._ids_arr, m1, self._ids_arr.chunks[0], "samples")
         resize_all(grow)
         write_shards(self._root.store, shards, parallel=self._waited)  # a flush or close waits: every core
         if not self.owner:  # a rank > 0 of a sharded store: its parts are durable up to b
@@ -300,20 +316,9 @@ class BlockWriter:
             self._pending_ids = []
             return
         c = self._written_steps  # steps before c are already in the step arrays
-        vectors = [(self._status_arr, self._status), (self._end_arr, self._ends)]
-        if self._rows_arr is not None:
-            vectors.append((self._rows_arr, np.arange(r0, r1, dtype=np.int64)))
         for arr, buf in vectors:
-            if arr.shape[0] < b:
-                self._grown.setdefault(arr.path, (arr, "steps", arr.shape[0]))
-                arr.resize((_ahead(b, arr.chunks[0]),))
             arr[c:b] = buf[c - a : n]
-        new_ids = np.concatenate(self._pending_ids) if self._pending_ids else np.zeros(0, np.int64)
-        m0, m1 = self._written_samples, self._written_samples + len(new_ids)
         if len(new_ids):
-            if self._ids_arr.shape[0] < m1:
-                self._grown.setdefault(self._ids_arr.path, (self._ids_arr, "samples", self._ids_arr.shape[0]))
-                self._ids_arr.resize((_ahead(m1, self._ids_arr.chunks[0]),))
             self._ids_arr[m0:m1] = new_ids
         self._written_steps, self._written_samples = b, m1
         self._pending_ids = []
