@@ -91,6 +91,43 @@ def test_failure_mid_apply_leaves_model_unchanged(store_path, monkeypatch):
         assert torch.equal(p.detach(), before[n])
 
 
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_apply_restores_every_parameter_after_a_failure_at_any_copy(monkeypatch, error):
+    """Parameters and new values are swapped a chunk at a time through one scratch buffer: a failure
+    at any of the copies (an interrupt between two of them included) leaves every parameter as it
+    was, bit for bit; without one, every parameter holds its new values."""
+    import importlib
+
+    method = importlib.import_module("unlearn.methods.amnesiac")  # the module (the package exports the function)
+    monkeypatch.setattr(method, "SWAP_CHUNK", 5)  # several chunks a layer, and a short last one
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(6, 4).t()),  # strided: applied through a copy instead
+              torch.nn.Parameter(torch.randn(2))]
+    olds = [p.detach().clone() for p in params]
+    news = [torch.randn(p.shape) for p in params]
+    real, calls = torch.Tensor.copy_, {"n": 0, "fail": 0}
+
+    def counting(self, src, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail"]:
+            raise error("injected")
+        return real(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting)
+    method._safe_apply([(None, p) for p in params], [n.clone() for n in news])
+    total = calls["n"]
+    assert total > 3 * len(params) and all(torch.equal(p.detach(), n) for p, n in zip(params, news))
+    for fail in range(1, total + 1):
+        with torch.no_grad():
+            for p, o in zip(params, olds):
+                real(p, o)
+        calls.update(n=0, fail=fail)
+        with pytest.raises(error, match="injected"):
+            method._safe_apply([(None, p) for p in params], [n.clone() for n in news])
+        assert all(torch.equal(p.detach(), o) for p, o in zip(params, olds)), f"failure at copy {fail}"
+
+
 def test_non_finite_delta_refused(store_path):
     model = make_tiny()
     with UpdateStore.create(store_path, model, keep=1.0, value_dtype="float32") as store:

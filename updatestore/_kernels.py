@@ -18,16 +18,30 @@ import torch
 
 from ._pool import pool, workers
 
-__all__ = ["add_packed", "as_tensor", "NUMBA_MIN_NUMEL"]
+__all__ = ["add_packed", "as_tensor", "compiled_for", "NUMBA_MIN_NUMEL"]
 
 #: Layers at least this large are summed by the compiled kernels; smaller ones with NumPy/torch.
 NUMBA_MIN_NUMEL = 1 << 16
 
 
-def _kernels() -> dict[str, object]:
-    from . import _kernels_jit  # numba: imported on first use, not with the package
+_loaded: list[dict[str, object]] = []
 
-    return {"bitmap": _kernels_jit.bitmap_add, "gaps": _kernels_jit.gaps_add}
+
+def _kernels() -> dict[str, object]:
+    if not _loaded:
+        from . import _kernels_jit  # numba: imported on first use, not with the package
+
+        _loaded.append({"bitmap": _kernels_jit.bitmap_add, "gaps": _kernels_jit.gaps_add})
+    return _loaded[0]
+
+
+def compiled_for(numel: int) -> bool:
+    """Whether a CPU layer of ``numel`` entries is summed by the compiled kernels: large ones always;
+    small ones once the kernels are loaded anyway. Their NumPy/torch path widened the values and
+    decoded positions, and its torch ops woke torch's OpenMP threads, which then spin beside the
+    kernels on a small machine (one torch thread made 100 steps of ``benchmarks/readpath.py``'s MLP
+    6–10 % faster)."""
+    return numel >= NUMBA_MIN_NUMEL or bool(_loaded)
 
 
 def _add_numba(out: torch.Tensor, packed: np.ndarray, values: torch.Tensor, codec: str) -> None:
@@ -87,7 +101,7 @@ def add_packed(out: torch.Tensor, packed: np.ndarray | torch.Tensor, values: tor
     ``packed`` holds the stored rows (validated by the reader); ``out`` is flat float32; ``values``
     float32, or bfloat16/float16 as stored (widened while they are added).
     """
-    if out.device.type == "cpu" and out.numel() >= NUMBA_MIN_NUMEL and isinstance(packed, np.ndarray):
+    if out.device.type == "cpu" and compiled_for(out.numel()) and isinstance(packed, np.ndarray):
         _add_numba(out, np.ascontiguousarray(packed), values.contiguous(), codec)
     else:
         if isinstance(packed, np.ndarray):

@@ -12,7 +12,7 @@ import zarr
 from ._codecs import positions_codec, values_codec
 from ._format import STATUS_RECORDED, LayerSpec, missing_chunks, paths
 from ._format.shards import ShardLayout, read_rows
-from ._kernels import NUMBA_MIN_NUMEL, add_packed, as_tensor
+from ._kernels import NUMBA_MIN_NUMEL, add_packed, as_tensor, compiled_for
 from .errors import CorruptStoreError, UpdateStoreError
 
 __all__ = ["Rows", "PartRows", "Reader", "read_plan"]
@@ -94,7 +94,7 @@ class Rows:
             return out.index_add_(0, positions.reshape(-1), values.reshape(-1))
         if self.dense:
             return out.add_(self.stored.sum(0, dtype=torch.float32))
-        if out.device.type == "cpu" and self.numel < NUMBA_MIN_NUMEL:  # small: NumPy decode is fast enough
+        if out.device.type == "cpu" and not compiled_for(self.numel):  # small: NumPy decode is fast enough
             return out.index_add_(0, self.positions.reshape(-1), self.values.reshape(-1))
         add_packed(out, self.packed, self.stored, self.codec)
         return out

@@ -173,7 +173,13 @@ def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
                     f"unlearning layer {spec.name!r} of store {store.path} would change a weight by {biggest:.3g}, "
                     f"more than max_update={max_update:g} × (max|θ| + 1) = {bound:.3g}: the store is probably forged "
                     "or damaged; nothing was applied (pass max_update=None to apply it anyway)")
-        new = p.detach() - delta.view(p.shape).to(device=p.device, dtype=p.dtype)
+        d = delta.view(p.shape)
+        if d.dtype == p.dtype and d.device == p.device:
+            # into the accumulator, which nothing reads after this: no layer-sized allocation (on the
+            # 4.2M-entry layer of benchmarks/readpath.py a new tensor cost 7.6 ms, mostly page faults)
+            new = torch.sub(p.detach(), d, out=d)
+        else:
+            new = p.detach() - d.to(device=p.device, dtype=p.dtype)
         if new.numel() and not math.isfinite(_max_abs(new)):
             raise NonFiniteUpdateError(
                 f"unlearning layer {spec.name!r} of store {store.path} gives non-finite values; "
@@ -183,22 +189,58 @@ def _new_values(store: UpdateStore, pairs: Pairs, deltas: list[torch.Tensor],
     return out
 
 
-def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor | None]) -> None:
-    """Copy new values into the parameters; on any failure restore every parameter.
+#: Entries swapped at a time by ``_safe_apply`` (its one scratch buffer: 4 MiB of float32).
+SWAP_CHUNK = 1 << 20
 
-    Each old value is kept just before its parameter is overwritten, and each new
-    value is dropped just after, so peak memory stays near one copy of the model.
+
+def _safe_apply(pairs: Pairs, new_values: list[torch.Tensor]) -> None:
+    """Put the new values into the parameters; on any failure restore every parameter, bit for bit.
+
+    Each parameter and its new values' buffer are swapped a chunk at a time through one small
+    scratch buffer, so the buffer ends up holding the old values (kept until every layer is done)
+    and applying allocates nothing the size of a layer: cloning each parameter first had cost a
+    second copy of the model and, on the 4.2M-entry layer of ``benchmarks/readpath.py``, 7 ms of
+    page faults. A failure at any point, an interrupt between two copies included, swaps back
+    what was swapped (``state`` says which copy of which chunk came last).
     """
-    olds: list[torch.Tensor] = []
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, buffer now holding its old values)
+    state: tuple | None = None  # (parameter, buffer, scratch, lo, hi, copies of the chunk begun)
+    scratch: torch.Tensor | None = None
     with torch.no_grad():
         try:
-            for i, (_, p) in enumerate(pairs):
-                olds.append(local_tensor(p).detach().clone())
-                local_tensor(p).copy_(new_values[i])
+            for i, (_, param) in enumerate(pairs):
+                t, new = local_tensor(param).detach(), new_values[i]
+                if not (t.is_contiguous() and new.is_contiguous() and new.dtype == t.dtype
+                        and new.device == t.device and new.shape == t.shape):
+                    old = t.clone()  # not swappable in place (a strided parameter): keep a copy
+                    t.copy_(new)
+                    done.append((t, old))
+                    new_values[i] = None
+                    continue
+                a, b = t.view(-1), new.view(-1)
+                need = max(1, min(SWAP_CHUNK, a.numel()))
+                if scratch is None or scratch.dtype != a.dtype or scratch.device != a.device or scratch.numel() < need:
+                    scratch = torch.empty(need, dtype=a.dtype, device=a.device)
+                for lo in range(0, a.numel(), SWAP_CHUNK):
+                    hi = min(a.numel(), lo + SWAP_CHUNK)
+                    s = scratch[: hi - lo]
+                    state = (a, b, s, lo, hi, 0)
+                    s.copy_(a[lo:hi])
+                    state = (a, b, s, lo, hi, 1)
+                    a[lo:hi].copy_(b[lo:hi])
+                    state = (a, b, s, lo, hi, 2)
+                    b[lo:hi].copy_(s)
+                done.append((a, b))
+                state = None
                 new_values[i] = None
         except BaseException:
-            for (_, p), old in zip(pairs, olds):
-                local_tensor(p).copy_(old)
+            if state is not None:  # the layer being swapped: its chunks before lo, and this one if begun
+                a, b, s, lo, hi, begun = state
+                if begun >= 1:
+                    a[lo:hi].copy_(s)
+                a[:lo].copy_(b[:lo])
+            for a, old in done:
+                a.copy_(old)
             raise
 
 
