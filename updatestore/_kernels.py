@@ -20,7 +20,8 @@ from ._pool import pool, workers
 
 __all__ = ["add_packed", "as_tensor", "compiled_for", "NUMBA_MIN_NUMEL"]
 
-#: Layers at least this large are summed by the compiled kernels; smaller ones with NumPy/torch.
+#: Layers at least this large are summed by the compiled kernels (and load them); smaller ones with
+#: NumPy/torch until something has loaded them (``compiled_for``).
 NUMBA_MIN_NUMEL = 1 << 16
 
 
