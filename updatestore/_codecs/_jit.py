@@ -17,6 +17,20 @@ __all__ = ["encode_positions", "encode_bfloat16"]
 
 
 @numba.njit(nogil=True, cache=True)
+def _gaps(pos, a, k, n, out, o):  # pragma: no cover - compiled
+    # pos[a:a+k] as gaps into out[o:o+k] (the first one absolute); False at the first position that is
+    # out of range or not above the one before (nothing past it is written)
+    prev = -1
+    for j in range(k):
+        p = pos[a + j]
+        if p <= prev or p >= n:
+            return False
+        out[o + j] = p - max(prev, 0)
+        prev = p
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
 def encode_positions(pos, tables, bitmaps, gaps16, gaps32):  # pragma: no cover - compiled
     # Every sparse layer of one step. ``tables`` rows: kind, k, numel, src, dst per layer. Layer i's k
     # positions pos[src:src+k] (ascending) become its packed row at dst of the step's row of its dtype:
@@ -31,10 +45,10 @@ def encode_positions(pos, tables, bitmaps, gaps16, gaps32):  # pragma: no cover 
         kind, k, n, a, o = tables[0, i], tables[1, i], tables[2, i], tables[3, i], tables[4, i]
         if kind == 0 or k == 0:
             continue
-        prev = -1
         if kind == 1:
             row = bitmaps[o: o + (n + 7) // 8]
             row[:] = 0
+            prev = -1
             for j in range(a, a + k):
                 p = pos[j]
                 if p <= prev or p >= n:
@@ -42,19 +56,11 @@ def encode_positions(pos, tables, bitmaps, gaps16, gaps32):  # pragma: no cover 
                 prev = p
                 row[p >> 3] |= np.uint8(128 >> (p & 7))
         elif kind == 2:
-            for j in range(k):
-                p = pos[a + j]
-                if p <= prev or p >= n:
-                    return i
-                gaps16[o + j] = p - max(prev, 0)
-                prev = p
+            if not _gaps(pos, a, k, n, gaps16, o):
+                return i
         elif kind == 3:
-            for j in range(k):
-                p = pos[a + j]
-                if p <= prev or p >= n:
-                    return i
-                gaps32[o + j] = p - max(prev, 0)
-                prev = p
+            if not _gaps(pos, a, k, n, gaps32, o):
+                return i
     return -1
 
 
