@@ -151,7 +151,8 @@ def transformer(tmp: Path, *, steps: int, overhead_steps: int, repeats: int, evi
     us, uf = statistics.median(t_un_store), statistics.median(t_un_full)
     return {"params": params, "tokens_per_step": BATCH * SEQ, "overhead_steps": overhead_steps,
             "plain_s": small["plain_s"], "recording_s": small["recording_s"], "ratio": small["ratio"],
-            "small": small, "large": large, "floor_s": floor, "steps": steps, "train_with_store_s": t_store, "train_with_full_log_s": t_full,
+            "small": small, "large": large, "floor_s": floor, "steps": steps,
+            "train_with_store_s": t_store, "train_with_full_log_s": t_full,
             "store_bytes": store_bytes, "full_log_bytes": full_bytes, "store_bytes_read": report.bytes_read,
             "unlearn_store_cold_s": us, "unlearn_full_cold_s": uf, "unlearn_speedup": uf / us,
             "all_unlearn_store": t_un_store, "all_unlearn_full": t_un_full}
