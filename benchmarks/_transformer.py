@@ -32,7 +32,7 @@ from ._common import FullLog, machine, md_table, write_results
 __all__ = ["transformer", "run"]
 
 BATCH, SEQ = 2, 64  # tokens per step: small, so 300+ steps of a 29.5M model fit in minutes on 2 cores
-LARGE_BATCH = 16  # 1024 tokens a step: still small for a model this size, ≈ 1.5 s a step here
+LARGE_BATCH = 16  # 1024 tokens a step: still small for a model this size, ≈ 1.3 s a step here
 
 
 def _tokens(step: int, vocab: int, batch: int = BATCH) -> torch.Tensor:
