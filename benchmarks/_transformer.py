@@ -149,8 +149,7 @@ def transformer(tmp: Path, *, steps: int, overhead_steps: int, repeats: int, evi
         print(f"  transformer unlearn {steps} steps, cold: store {t_un_store[-1]:.2f}s full log {t_un_full[-1]:.2f}s",
               file=sys.stderr)
     us, uf = statistics.median(t_un_store), statistics.median(t_un_full)
-    return {"params": params, "tokens_per_step": BATCH * SEQ, "overhead_steps": overhead_steps,
-            "plain_s": small["plain_s"], "recording_s": small["recording_s"], "ratio": small["ratio"],
+    return {"params": params, "tokens_per_step": BATCH * SEQ,
             "small": small, "large": large, "floor_s": floor, "steps": steps,
             "train_with_store_s": t_store, "train_with_full_log_s": t_full,
             "store_bytes": store_bytes, "full_log_bytes": full_bytes, "store_bytes_read": report.bytes_read,
