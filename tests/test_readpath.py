@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import unlearn
 from updatestore import CorruptStoreError, UpdateStore
 from updatestore._codecs import positions_codec
+from updatestore._format import shards
 from updatestore._format.shards import ShardLayout, read_rows
 from updatestore._kernels import _add_numba, _add_torch, add_packed, as_tensor
 
@@ -91,6 +92,20 @@ def test_kernels_refuse_rows_they_cannot_place():
         _add_numba(torch.zeros(numel), np.full_like(bits, 255), vals, "bitmap")
 
 
+def test_bitmap_kernel_refuses_a_row_whose_excess_lies_in_a_later_tile():
+    """The kernel adds tile by tile (every row's first TILE_WORDS words, then the next): a row whose
+    extra positions come only in its last tile is still refused."""
+    from updatestore._kernels_jit import TILE_WORDS
+
+    numel, k, n = 3 * 64 * TILE_WORDS + 40, 1000, 3
+    bits, vals, _ = _rows(numel, k, n, 1, "bitmap")
+    bad = bits.copy()
+    free = np.flatnonzero(bad[1, -10:-2] != 255)[-1] + len(bad[1]) - 10  # a byte with a clear bit near the end
+    bad[1, free] = 255
+    with pytest.raises(ValueError):
+        _add_numba(torch.zeros(numel), bad, vals, "bitmap")
+
+
 @pytest.mark.parametrize("keep", [0.3, 0.01])
 def test_amnesiac_on_a_large_layer_equals_oracle(store_path, keep):
     """A layer above the kernels' threshold (65 536 entries), bitmap (0.3) and gaps (0.01)."""
@@ -111,7 +126,15 @@ def _layer_arrays(path):
     return [root[f"layers/fc1.weight/{a}"] for a in ("values", "positions")]
 
 
-def test_shard_reader_equals_zarr(store_path):
+@pytest.fixture(params=["pread", "zarr"])
+def fetch_engine(request, monkeypatch):
+    """Both ways shards are fetched: pread in the pool (local stores) and zarr's async store API (others)."""
+    if request.param == "zarr":
+        monkeypatch.setattr(shards, "_local_root", lambda store: None)
+    return request.param
+
+
+def test_shard_reader_equals_zarr(store_path, fetch_engine):
     model = make_tiny(d_in=300, hidden=256)
     with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
         train(store, model, steps=11, batch=4)
@@ -121,6 +144,31 @@ def test_shard_reader_equals_zarr(store_path):
         got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows)
         for a, g in zip(arrays, got):
             np.testing.assert_array_equal(g, a[rows])
+
+
+def test_both_fetch_engines_read_and_count_the_same_bytes(store_path, monkeypatch):
+    """A local store is read with pread, others through zarr's store API: same rows, same bytes counted
+    (whole shards and ranges of inner chunks alike)."""
+    model = make_tiny(d_in=300, hidden=256)
+    with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
+        train(store, model, steps=11, batch=4)
+    got = {}
+    for engine in ("pread", "zarr"):
+        if engine == "zarr":
+            monkeypatch.setattr(shards, "_local_root", lambda store: None)
+        store = UpdateStore.open(store_path)
+        for steps in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 5, 10], [3]):
+            before = store.bytes_read
+            rows = store.read(steps)
+            got.setdefault(engine, []).append((store.bytes_read - before,
+                                                {n: (r.stored.clone(), None if r.packed is None else r.packed.copy())
+                                                 for n, r in rows.items()}))
+    for (n_p, rows_p), (n_z, rows_z) in zip(got["pread"], got["zarr"]):
+        assert n_p == n_z > 0
+        for name in rows_p:
+            assert torch.equal(rows_p[name][0], rows_z[name][0])
+            if rows_p[name][1] is not None:
+                np.testing.assert_array_equal(rows_p[name][1], rows_z[name][1])
 
 
 def _corrupt(path, how):
@@ -144,7 +192,7 @@ def _corrupt(path, how):
 
 
 @pytest.mark.parametrize("how", ["index", "truncate", "empty", "forged_header"])
-def test_damaged_shards_are_a_clean_error_and_nothing_changes(store_path, how):
+def test_damaged_shards_are_a_clean_error_and_nothing_changes(store_path, how, fetch_engine):
     model = make_tiny(d_in=300, hidden=256)
     with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
         train(store, model, steps=4, batch=4)
@@ -157,7 +205,7 @@ def test_damaged_shards_are_a_clean_error_and_nothing_changes(store_path, how):
         assert torch.equal(p.detach(), before[n])
 
 
-def test_rows_in_absent_shards_read_as_zeros_not_leftover_memory(store_path, monkeypatch):
+def test_rows_in_absent_shards_read_as_zeros_not_leftover_memory(store_path, monkeypatch, fetch_engine):
     # read_rows fills its outputs chunk by chunk; rows no chunk covers must come back as Zarr's fill value
     model = make_tiny(d_in=300, hidden=256)
     with UpdateStore.create(store_path, model, keep=0.2, buffer_bytes=1 << 18) as store:
