@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import unlearn
 from updatestore import CorruptStoreError, UpdateStore
 from updatestore._codecs import positions_codec
-from updatestore._format import shards
 from updatestore._format.shards import ShardLayout, read_rows
 from updatestore._kernels import _add_numba, _add_torch, add_packed, as_tensor
 
@@ -128,10 +127,12 @@ def _layer_arrays(path):
 
 @pytest.fixture(params=["pread", "zarr"])
 def fetch_engine(request, monkeypatch):
-    """Both ways shards are fetched: pread in the pool (local stores) and zarr's async store API (others)."""
+    """Both ways shards are fetched: pread in the pool (local stores) and zarr's async store API (others).
+    Returns what to pass ``read_rows`` as ``root`` for a store at a path."""
     if request.param == "zarr":
-        monkeypatch.setattr(shards, "_local_root", lambda store: None)
-    return request.param
+        monkeypatch.setattr("updatestore._reader.local_root", lambda store: None)
+        return lambda path: None
+    return lambda path: path
 
 
 def test_shard_reader_equals_zarr(store_path, fetch_engine):
@@ -141,7 +142,7 @@ def test_shard_reader_equals_zarr(store_path, fetch_engine):
     arrays = _layer_arrays(store_path)
     assert ShardLayout.of(arrays[0]).shard_rows < 11  # several shards
     for rows in (np.arange(11), np.array([0, 5, 6, 10]), np.array([3])):
-        got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows)
+        got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows, fetch_engine(store_path))
         for a, g in zip(arrays, got):
             np.testing.assert_array_equal(g, a[rows])
 
@@ -155,7 +156,7 @@ def test_both_fetch_engines_read_and_count_the_same_bytes(store_path, monkeypatc
     got = {}
     for engine in ("pread", "zarr"):
         if engine == "zarr":
-            monkeypatch.setattr(shards, "_local_root", lambda store: None)
+            monkeypatch.setattr("updatestore._reader.local_root", lambda store: None)
         store = UpdateStore.open(store_path)
         for steps in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 5, 10], [3]):
             before = store.bytes_read
@@ -216,7 +217,7 @@ def test_rows_in_absent_shards_read_as_zeros_not_leftover_memory(store_path, mon
     real_empty = np.empty
     monkeypatch.setattr(np, "empty", lambda shape, dtype=float, **kw: np.full(shape, 0xAB, dtype))
     rows = np.arange(11)
-    got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows)
+    got = read_rows(arrays[0].store, [ShardLayout.of(a) for a in arrays], rows, fetch_engine(store_path))
     monkeypatch.setattr(np, "empty", real_empty)
     hit = (rows // lay.shard_rows) == 1
     assert hit.any() and not hit.all()

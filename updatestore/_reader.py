@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import zarr
 
+from ._backend import local_root
 from ._codecs import positions_codec, values_codec
 from ._format import STATUS_RECORDED, LayerSpec, missing_chunks, paths
 from ._format.shards import ShardLayout, read_rows
@@ -225,7 +226,7 @@ class Reader:
                 if steps.size else "(none)")
         arrays = [a for spec in specs for a in self._layer_arrays(spec, need)]
         layouts = [ShardLayout.of(a) for a in arrays if a is not None]
-        got = iter(read_rows(arrays[0].store, layouts, rows) if layouts else [])
+        got = iter(read_rows(arrays[0].store, layouts, rows, local_root(arrays[0].store)) if layouts else [])
         raw = [None if a is None else next(got) for a in arrays]
         # Rows of steps without a stored update are zeros on disk; decode only recorded
         # rows and give the others zero values at 0..k-1.

@@ -31,7 +31,6 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.storage import LocalStore, WrapperStore
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -231,15 +230,13 @@ def _fetch_local(root: Path, lay: ShardLayout, shard: int, chunks: np.ndarray) -
         os.close(fd)
 
 
-def _local_root(store) -> Path | None:
-    """The directory of a local store (through a wrapper such as the byte-counting one), else None."""
-    inner = store._store if isinstance(store, WrapperStore) else store
-    return Path(inner.root) if isinstance(inner, LocalStore) else None
-
-
-def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray) -> list[np.ndarray | BaseException]:
+def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray,
+              root: Path | None = None) -> list[np.ndarray | BaseException]:
     """Rows ``rows`` (sorted, below every layout's length) of each array, decoded: one
     ``(len(rows), width)`` array per layout, or the exception that reading it raised.
+
+    ``root``: the directory of ``store`` when it is a local one; its files are then read with
+    ``pread`` and the bytes added to ``store.bytes_read`` (the byte-counting wrapper's count).
 
     Rows in absent shards or absent inner chunks are zeros (Zarr's fill value); the caller
     checks that recorded rows' shards exist (FORMAT.md "Chunks that must exist").
@@ -251,7 +248,6 @@ def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray) -> list[np.nd
             local = rows[shard_of[i] == shard] - shard * lay.shard_rows
             jobs.append((i, int(shard), np.unique(local // lay.chunk_rows)))
 
-    root = _local_root(store)
     if root is not None and jobs:  # pread in the pool: no event-loop hop per file
         got = list(pool().map(_capture(lambda job: _fetch_local(root, layouts[job[0]], job[1], job[2]), True), jobs))
         fetched = [g if isinstance(g, BaseException) else g[0] for g in got]
