@@ -165,10 +165,19 @@ def test_model_the_store_never_saw_is_refused(store_path):
     model, opt, store, _ = recorded(store_path)
     with store:
         fresh = make_tiny(seed=5)
-        with pytest.raises(unlearn.UnknownModelError, match="allow_unknown_model=True"):
-            unlearn.amnesiac(fresh, store, [0])
+        before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+        # refused before anything changes the model, a dry run all the same
+        for dry_run in (False, True):
+            with pytest.raises(unlearn.UnknownModelError, match="allow_unknown_model=True"):
+                unlearn.amnesiac(fresh, store, [0], dry_run=dry_run)
         assert len(store.ledger()) == 0
-        unlearn.amnesiac(copy.deepcopy(model), store, [0], ledger=False, purge=False)  # the recorded one is fine
+        assert all(torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters())
+        unlearn.amnesiac(copy.deepcopy(model), store, [0], purge=False)  # the recorded one is fine
+        # and once the ledger holds an entry (whose lineage the fingerprint is looked up in)
+        with pytest.raises(unlearn.UnknownModelError, match="allow_unknown_model=True"):
+            unlearn.amnesiac(fresh, store, [1])
+        assert len(store.ledger()) == 1
+        assert all(torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters())
 
 
 def test_defer_writes_nothing_until_commit(store_path):

@@ -79,6 +79,44 @@ def test_large_rows_split_across_threads_add_in_row_order(monkeypatch):
         np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-5, atol=1e-6)
 
 
+def test_map_shared_keeps_order_and_raises_what_a_worker_raised(monkeypatch):
+    from updatestore import _pool
+
+    monkeypatch.setattr(_pool, "workers", lambda: 3)
+    assert _pool.map_shared(lambda x: x * x, list(range(50))) == [x * x for x in range(50)]
+
+    def boom(x):
+        if x == 37:
+            raise ValueError("item 37")
+        return x
+
+    with pytest.raises(ValueError, match="item 37"):
+        _pool.map_shared(boom, list(range(50)))
+
+
+def test_map_shared_does_not_wait_for_a_busy_pool(monkeypatch):
+    """With every pool worker busy, the caller does all the items itself and returns: its helpers,
+    still queued, are cancelled rather than awaited."""
+    import threading
+
+    from updatestore import _pool
+
+    monkeypatch.setattr(_pool, "workers", lambda: 2)
+    release = threading.Event()
+    blockers = [_pool.pool().submit(release.wait) for _ in range(8)]  # more than the pool has threads
+    try:
+        done = threading.Event()
+        result = []
+        t = threading.Thread(target=lambda: (result.append(_pool.map_shared(lambda x: x + 1, [1, 2, 3])), done.set()))
+        t.start()
+        assert done.wait(10), "map_shared waited for a busy pool"
+        assert result == [[2, 3, 4]]
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+
+
 def test_kernels_refuse_rows_they_cannot_place():
     numel = 100
     packed, vals, _ = _rows(numel, 10, 1, 0, "gaps")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._pool import pool, workers
+from ._pool import map_shared, workers
 
 __all__ = ["add_packed", "as_tensor", "compiled_for", "NUMBA_MIN_NUMEL"]
 
@@ -68,7 +68,7 @@ def _add_numba(out: torch.Tensor, packed: np.ndarray, values: torch.Tensor, code
     before = np.cumsum([np.zeros(n, np.int64)] + [count(a, b) for a, b in zip(cuts[:-2], cuts[1:-1])], axis=0)
     tasks = [(cuts[i], cuts[i + 1], before[i]) for i in range(parts)]
     run = lambda t: kernel(acc, packed, vals, shift, t[0], t[1], t[2])  # noqa: E731
-    bad = list(pool().map(run, tasks)) if parts > 1 else [run(tasks[0])]
+    bad = map_shared(run, tasks)
     if any(b >= 0 for b in bad):
         raise ValueError("a stored row has positions beyond the layer or more than k of them")
 

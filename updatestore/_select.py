@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from ._pool import pool, workers
+from ._pool import map_shared, workers
 
 __all__ = ["select_segments"]
 
@@ -86,5 +86,5 @@ def select_segments(delta: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ks
     # Segments write disjoint ranges of pos/vals (their offsets): groups run concurrently (nogil).
     run = lambda g: kernel(delta, starts[g], sizes[g], ks[g], offsets[g], pos, vals,  # noqa: E731
                           HISTOGRAM_MIN_NUMEL, SAMPLED_MIN_NUMEL, SAMPLE_STRIDE)
-    list(pool().map(run, _groups(sizes, threads)))
+    map_shared(run, _groups(sizes, threads))  # the training thread takes a group too
     return pos, vals

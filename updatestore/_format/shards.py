@@ -6,14 +6,15 @@ cost more than the bytes and the arithmetic together. The layout is fixed and si
 shard file holds inner chunks (Blosc → CRC32C) and ends with an index of ``n`` little-endian
 ``(offset, nbytes)`` uint64 pairs plus its CRC32C — so the hot path reads it directly: whole
 shards (or runs of wanted chunks) in one request each through the store's own byte-range API,
-every CRC32C checked, Blosc decompressed in a thread pool (it releases the GIL). A local store's
-files are read with ``pread`` in that pool instead of zarr's event loop (100 steps of that MLP:
-26 → 11 ms for its 82 MiB from the page cache), and the bytes counted as zarr's reads are.
+every CRC32C checked, Blosc decompressed by the calling thread and the pool together (it releases
+the GIL; ``_pool.map_shared``). A local store's files are read with ``pread`` the same way instead
+of through zarr's event loop (100 steps of that MLP: 26 → 11 ms for its 82 MiB from the page
+cache), and the bytes counted as zarr's reads are.
 
 The writer is the same idea in reverse (profiled: zarr-python's pipeline took ≈ 140 ms a step to
 write the rows of an 11M-parameter CNN, most of it per-chunk coroutines): every commit writes whole
 shards from their first row, so each shard file is assembled here — inner chunks compressed with
-the array's own Blosc settings in the thread pool, each followed by its CRC32C, then the index —
+the array's own Blosc settings on the writer's thread and the pool, each followed by its CRC32C, then the index —
 and put with one request.
 
 Any array whose codecs are not exactly the ones the format writes is refused, never guessed.
@@ -35,7 +36,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .._pool import pool
+from .._pool import map_shared
 from ..errors import UnsupportedFormatError
 
 __all__ = ["ShardLayout", "ShardError", "read_rows", "write_shards"]
@@ -248,8 +249,8 @@ def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray,
             local = rows[shard_of[i] == shard] - shard * lay.shard_rows
             jobs.append((i, int(shard), np.unique(local // lay.chunk_rows)))
 
-    if root is not None and jobs:  # pread in the pool: no event-loop hop per file
-        got = list(pool().map(_capture(lambda job: _fetch_local(root, layouts[job[0]], job[1], job[2]), True), jobs))
+    if root is not None and jobs:  # pread on this thread and the pool: no event-loop hop per file
+        got = map_shared(_capture(lambda job: _fetch_local(root, layouts[job[0]], job[1], job[2]), True), jobs)
         fetched = [g if isinstance(g, BaseException) else g[0] for g in got]
         if hasattr(store, "bytes_read"):  # the byte-counting wrapper: count them as its reads
             store.bytes_read += sum(g[1] for g in got if not isinstance(g, BaseException))
@@ -285,7 +286,7 @@ def read_rows(store, layouts: list[ShardLayout], rows: np.ndarray,
             out[lo:hi] = chunk[rows[lo:hi] - first]
         filled[i][lo:hi] = True  # tasks of one array cover disjoint rows
 
-    for task, err in zip(tasks, pool().map(_capture(decode), tasks)):
+    for task, err in zip(tasks, map_shared(_capture(decode), tasks)):
         if err is not None and not isinstance(outs[task[0]], BaseException):
             outs[task[0]] = err
     for out, done in zip(outs, filled):
@@ -325,8 +326,8 @@ def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]], *, par
     """Write each ``(layout, first_row, rows)``: ``rows`` (``n × width``, ``first_row`` a shard's first
     row, ``n`` ≤ its rows) become that whole shard file. Every inner chunk holding one of the rows is
     written (zeros too, as with ``write_empty_chunks``; the last padded with zeros), later ones are
-    absent. Compression runs in the thread pool (``parallel``; else on the calling thread); the puts go
-    out together."""
+    absent. Compression runs on the calling thread and the pool (``parallel``; else on the calling
+    thread only); the puts go out together."""
     jobs = []  # (item, chunk index, bytes to compress)
     for i, (lay, first, rows) in enumerate(items):
         if first % lay.shard_rows or len(rows) > lay.shard_rows or rows.shape[1:] != (lay.width,):
@@ -338,9 +339,8 @@ def write_shards(store, items: list[tuple[ShardLayout, int, np.ndarray]], *, par
                 part = np.concatenate([part, np.zeros((lay.chunk_rows - len(part), lay.width), lay.dtype)])
             jobs.append((i, c, part))
     compressors = [_compressor(lay) for lay, _, _ in items]
-    mapper = pool().map if parallel else map
-    blobs = list(mapper(lambda job: _with_crc(compressors[job[0]].encode(job[2].view(np.uint8).reshape(-1))),
-                            jobs))
+    compress = lambda job: _with_crc(compressors[job[0]].encode(job[2].view(np.uint8).reshape(-1)))  # noqa: E731
+    blobs = map_shared(compress, jobs) if parallel else [compress(job) for job in jobs]
     files: list[list[bytes]] = [[] for _ in items]
     index = [np.full((lay.chunks_per_shard, 2), _EMPTY, dtype="<u8") for lay, _, _ in items]
     offsets = [0] * len(items)
