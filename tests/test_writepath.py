@@ -118,7 +118,8 @@ def test_sampled_select_takes_its_one_pass_on_structured_tied_updates():
     n, k = delta.size, delta.size // 10
     assert len(np.unique(np.abs(delta))) < n // 5  # heavily tied
     pos, vals = np.empty(k, np.int64), np.empty(k, np.float32)
-    assert sampled(delta.view(np.int32), delta, 0, n, k, 0, pos, vals, HISTOGRAM_MIN_NUMEL, stride_for(n, SAMPLE_STRIDE))
+    assert sampled(delta.view(np.int32), delta, 0, n, k, 0, pos, vals, HISTOGRAM_MIN_NUMEL, stride_for(n, SAMPLE_STRIDE),
+                   False)
     np.testing.assert_array_equal(pos, oracle(delta, k))
 
 
@@ -191,10 +192,12 @@ def test_select_kernels_can_load_from_numbas_cache():
         assert kernel._cache.__class__.__name__ == "FunctionCache"  # cache=True
 
 
-def test_fused_deltas_are_after_minus_before_bit_for_bit():
-    """The fused CPU path computes −Δθ in place and negates the kept values: every kept value must be
-    ``after − before`` bit for bit (an unchanged entry +0.0, never −0.0), a strided parameter flattened in
-    its logical order, a dense layer whole."""
+@pytest.mark.parametrize("dense", [True, False])
+def test_fused_deltas_are_after_minus_before_bit_for_bit(dense):
+    """The fused CPU path computes −Δθ in place and negates the kept values (in the select kernel when
+    every layer is sparse, with NumPy when a dense layer is there): every kept value must be ``after −
+    before`` bit for bit (an unchanged entry +0.0, never −0.0), a strided parameter flattened in its
+    logical order, a dense layer whole."""
     from types import SimpleNamespace
 
     from updatestore._deltas import Deltas
@@ -202,7 +205,7 @@ def test_fused_deltas_are_after_minus_before_bit_for_bit():
     g = torch.Generator().manual_seed(3)
     base = torch.randn(40, 30, generator=g)
     params = [base.t(), torch.randn(7, generator=g), torch.randn(5000, generator=g)]  # base.t(): strided
-    specs = [SimpleNamespace(k=k) for k in (120, 7, 500)]  # the 7-entry layer is dense (k == numel)
+    specs = [SimpleNamespace(k=k) for k in (120, 7 if dense else 6, 500)]  # k == numel: a dense layer
     d = Deltas(list(zip(specs, params)))
     d.snapshot()
     before = [p.clone() for p in params]
@@ -215,6 +218,31 @@ def test_fused_deltas_are_after_minus_before_bit_for_bit():
         want = (a - b).reshape(-1)
         got_pos = torch.arange(want.numel()) if pos is None else pos
         assert torch.equal(vals.view(torch.int32), want[got_pos].view(torch.int32))
-    assert rows[1][1] is None and (rows[1][0].view(torch.int32) == 0).sum() == 6  # +0.0, not −0.0
+    assert (rows[1][1] is None) == dense
+    assert (rows[1][0].view(torch.int32) == 0).sum() == 6 - (not dense)  # +0.0, not −0.0
     assert torch.equal(rows[0][1], torch.sort((params[0] - before[0]).reshape(-1).abs(), descending=True,
                                               stable=True).indices[:120].sort().values)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_deltas_follow_a_parameter_whose_tensor_was_replaced(monkeypatch, fused):
+    """The recorder keeps the Parameter objects, not their tensors of the moment: code that swaps a
+    parameter's tensor (``p.data = ...``, as dtype or device moves and some pruning libraries do) between
+    the snapshot and the step still gets that step's Δθ, never a stale zero."""
+    from types import SimpleNamespace
+
+    import updatestore._deltas as deltas
+
+    monkeypatch.setattr(deltas, "fusable", lambda tensors: fused)
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(300, generator=g))
+    d = deltas.Deltas([(SimpleNamespace(k=30), p)])
+    d.snapshot()
+    before = p.detach().clone()
+    with torch.no_grad():
+        p.data = p.data.clone()  # a new tensor under the same Parameter
+        p.add_(torch.randn(300, generator=g))
+    vals, pos = d.pruned()[0]
+    want = (p.detach() - before)
+    assert torch.equal(pos, torch.sort(want.abs(), descending=True, stable=True).indices[:30].sort().values)
+    assert torch.equal(vals, want[pos])

@@ -54,9 +54,11 @@ def threshold(bits, a, n, k, hist_min):  # pragma: no cover - compiled
     return t, k - above
 
 @numba.njit(nogil=True, cache=True)
-def emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals):  # pragma: no cover - compiled
+def emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals, negate):  # pragma: no cover - compiled
     # One ordered scan of bits[a:a+n]: every entry above the threshold t and the first ``ties``
-    # equal to it, positions ascending, into out_pos/out_vals[o:o+k].
+    # equal to it, positions ascending, into out_pos/out_vals[o:o+k] (negated: 0 - x, as np.subtract
+    # gives it, when ``negate``).
+    zero = np.float32(0)
     w = o
     for j in range(n):
         v = bits[a + j] & 0x7FFFFFFF
@@ -66,7 +68,7 @@ def emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals):  # pragma: no cov
             if w == o + k:  # never write past this segment's k (numba checks no bounds)
                 raise ValueError("top-k selection kept too many entries")
             out_pos[w] = j
-            out_vals[w] = delta[a + j]
+            out_vals[w] = zero - delta[a + j] if negate else delta[a + j]
             w += 1
     if w != o + k:  # cannot happen for a consistent threshold; never hand on a short row
         raise ValueError("top-k selection kept too few entries")
@@ -94,7 +96,7 @@ def sample_at(m, stride):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pragma: no cover - compiled
+def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride, negate):  # pragma: no cover - compiled
     # One pass instead of three: a sample (``sample_at``) gives a bound t_lo that at least k entries
     # reach (with margin); every entry > t_lo is copied out in position order and the entries
     # equal to t_lo are counted. With >= k candidates the exact threshold is found among them
@@ -134,11 +136,13 @@ def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pr
     if c < k:
         if c + eq < k:
             return False
-        emit(bits, delta, a, n, k, o, t_lo, k - c, out_pos, out_vals)  # the threshold is t_lo itself
+        emit(bits, delta, a, n, k, o, t_lo, k - c, out_pos, out_vals, negate)  # the threshold is t_lo itself
         return True
     t, ties = threshold(cand_bits, 0, c, k, hist_min)  # it compares magnitudes (the bits' sign masked)
     w = o
     out_bits = out_vals.view(np.int32)
+    cand_vals = cand_bits.view(np.float32)
+    zero = np.float32(0)
     for i in range(c):
         v = cand_bits[i] & 0x7FFFFFFF
         if v > t or (v == t and ties > 0):
@@ -147,19 +151,23 @@ def sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, stride):  # pr
             if w == o + k:
                 raise ValueError("top-k selection kept too many entries")
             out_pos[w] = cand_pos[i]
-            out_bits[w] = cand_bits[i]
+            if negate:
+                out_vals[w] = zero - cand_vals[i]
+            else:
+                out_bits[w] = cand_bits[i]
             w += 1
     if w != o + k:
         raise ValueError("top-k selection kept too few entries")
     return True
 
 @numba.njit(nogil=True, cache=True)
-def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min, sampled_min, stride):  # pragma: no cover - compiled
+def select(delta, starts, sizes, ks, offsets, out_pos, out_vals, hist_min, sampled_min, stride,
+           negate):  # pragma: no cover - compiled
     bits = delta.view(np.int32)
     for i in range(starts.size):
         a, n, k, o = starts[i], sizes[i], ks[i], offsets[i]
         s = stride_for(n, stride)
-        if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, s):
+        if n >= sampled_min and sampled(bits, delta, a, n, k, o, out_pos, out_vals, hist_min, s, negate):
             continue
         t, ties = threshold(bits, a, n, k, hist_min)
-        emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals)
+        emit(bits, delta, a, n, k, o, t, ties, out_pos, out_vals, negate)

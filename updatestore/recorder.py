@@ -277,7 +277,9 @@ class Recorder:
 
     def _step_ids(self) -> np.ndarray:
         """This step's IDs (every rank's, under torch.distributed); clears the pending ones."""
-        ids = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int64)
+        # a copy either way: the writer must not see the caller's array (or tensor) change later
+        pending = self._pending
+        ids = pending[0].copy() if len(pending) == 1 else np.concatenate(pending) if pending else np.zeros(0, np.int64)
         if ids.size == 0:
             raise RecorderError("a step was recorded without sample IDs; pass the batch's IDs to rec.step(ids)")
         self._pending = []
