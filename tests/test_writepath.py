@@ -24,9 +24,13 @@ def oracle(seg: np.ndarray, k: int) -> np.ndarray:
 
 
 def assert_exact_topk(delta: np.ndarray, sizes: np.ndarray, ks: np.ndarray) -> None:
-    """``select_segments`` gives every segment's oracle top-k, positions and values."""
+    """``select_segments`` gives every segment's oracle top-k, positions and values; with ``negate`` the same
+    positions and ``0 − value`` bit for bit, as NumPy computes it (zeros +0.0, NaN kept NaN)."""
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     pos, vals = select_segments(delta, starts, sizes, ks)
+    npos, nvals = select_segments(delta, starts, sizes, ks, negate=True)
+    np.testing.assert_array_equal(npos, pos)
+    np.testing.assert_array_equal(nvals.view(np.int32), np.subtract(np.float32(0), vals).view(np.int32))
     o = 0
     for s, n, k in zip(starts, sizes, ks):
         want = oracle(delta[s:s + n], k)
@@ -48,7 +52,7 @@ def test_fused_topk_equals_a_sort_oracle(sizes, seed, kind):
     elif kind == "zeros":
         delta[rng.random(delta.size) < 0.7] = 0
     elif kind == "special":
-        delta[rng.integers(0, delta.size, 3)] = [np.inf, -np.inf, -0.0]
+        delta[rng.integers(0, delta.size, 5)] = [np.inf, -np.inf, -0.0, np.nan, -np.nan]
     assert_exact_topk(delta, sizes, ks)
 
 
