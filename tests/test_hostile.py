@@ -173,6 +173,21 @@ def test_ids_beyond_int64_are_a_clean_error():
             as_sample_ids(bad)
 
 
+@pytest.mark.parametrize("n", [1, 32, 1024, 1025, 5000])  # the check scans Python ints up to 1024 IDs
+def test_the_reserved_purged_id_is_refused_as_a_sample_id(n):
+    """-2**63 marks purged IDs on disk: as a real sample ID it would be purged with them (and never found)."""
+    import torch
+
+    from updatestore import PURGED_ID, SampleIdError, as_sample_ids
+
+    ids = np.arange(n, dtype=np.int64)
+    ids[n // 2] = PURGED_ID
+    for bad in (ids, ids.tolist(), torch.from_numpy(ids.copy())):
+        with pytest.raises(SampleIdError, match="reserved"):
+            as_sample_ids(bad)
+    assert as_sample_ids(np.arange(n) + 1).tolist() == list(range(1, n + 1))
+
+
 @pytest.mark.parametrize("kind", ["chunk", "directory"])
 def test_symlinks_in_a_store_are_refused(tmp_path, kind):
     """A symlinked chunk from another run would be read silently; a symlinked directory would make a

@@ -8,7 +8,7 @@ import numpy as np
 
 import zarr
 
-from ._format import INDEX_RECORD, STATUS_NONFINITE, require_chunks
+from ._format import INDEX_RECORD, PURGED_ID, STATUS_NONFINITE, require_chunks
 from ._format import paths
 from .errors import CorruptStoreError, SampleIdError, StepError
 
@@ -56,12 +56,9 @@ def as_sample_ids(ids: Any, *, what: str = "sample IDs") -> np.ndarray:
     out = arr if arr.dtype == np.int64 else arr.astype(np.int64)
     # A batch's IDs are checked every step: a NumPy comparison and reduction cost ~70 µs right after a
     # training step (caches cold), a scan of the batch as Python ints ~10 µs
-    if (_RESERVED in out.tolist()) if out.size <= 1024 else (out == _RESERVED).any():
+    if (PURGED_ID in out.tolist()) if out.size <= 1024 else (out == PURGED_ID).any():
         raise SampleIdError(f"{what}: -2**63 is reserved (it marks purged IDs on disk)")
     return out
-
-
-_RESERVED = int(np.iinfo(np.int64).min)
 
 
 def as_steps(steps: Any, num_steps: int, *, where: str = "the store") -> np.ndarray:
