@@ -156,14 +156,10 @@ def recording_table(rec: list[dict]) -> str:
                      "close ms (once a run)", "overhead ms/step", "Δθ + top-k ms/step", "snapshot ms/step",
                      "background CPU ms/step"],
                     [[r["model"], f"{r['steps']} × {r['pairs']}", f"{r['plain_s']:.2f}", f"{r['recording_s']:.2f}",
-                      f"**{r['ratio']:.2f}**", f"≥ {r['floor']}", _maybe(r, "ratio_exact_delta"),
+                      f"**{r['ratio']:.2f}**", f"≥ {r['floor']}", f"{r['ratio_exact_delta']:.2f}",
                       f"{r['ratio_loop_only']:.2f}", f"{r['close_ms']:.0f}",
                       f"{r['overhead_ms_per_step']:.2f}", f"{r['topk_ms_per_step']:.2f}",
                       f"{r['snapshot_ms_per_step']:.2f}", f"{r['background_cpu_ms_per_step']:.2f}"] for r in rec])
-
-
-def _maybe(r: dict, key: str) -> str:
-    return f"{r[key]:.2f}" if key in r else "—"  # results written before the column existed
 
 
 #: ``--malloc fixed``: glibc's allocator told to keep freed memory (both arms run with it). With its
