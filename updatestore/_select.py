@@ -72,8 +72,9 @@ class Segments:
         self.starts, self.sizes, self.ks = (np.ascontiguousarray(x, dtype=np.int64) for x in (starts, sizes, ks))
         self.offsets = np.cumsum(self.ks) - self.ks  # exclusive
         self.total = int(self.ks.sum())
-        self._split = int(self.sizes.sum()) >= PARALLEL_MIN_NUMEL and len(self.sizes) > 1
-        self._groups: dict[int, list[np.ndarray]] = {}
+        split = int(self.sizes.sum()) >= PARALLEL_MIN_NUMEL and len(self.sizes) > 1
+        # segment groups for the pool's threads, balanced by size (None: one thread takes every segment)
+        self._groups = _groups(self.sizes, workers()) if split and workers() > 1 else None
 
     def __call__(self, delta: np.ndarray, negate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         pos = np.empty(self.total, np.int64)
@@ -81,18 +82,14 @@ class Segments:
         if not self.total:
             return pos, vals
         kernel = _kernel()
-        threads = workers() if self._split else 1
-        if threads == 1:
+        if self._groups is None:
             kernel(delta, self.starts, self.sizes, self.ks, self.offsets, pos, vals,
                    HISTOGRAM_MIN_NUMEL, SAMPLED_MIN_NUMEL, SAMPLE_STRIDE, negate)
             return pos, vals
-        groups = self._groups.get(threads)
-        if groups is None:
-            groups = self._groups[threads] = _groups(self.sizes, threads)
         # Segments write disjoint ranges of pos/vals (their offsets): groups run concurrently (nogil).
         run = lambda g: kernel(delta, self.starts[g], self.sizes[g], self.ks[g], self.offsets[g],  # noqa: E731
                                pos, vals, HISTOGRAM_MIN_NUMEL, SAMPLED_MIN_NUMEL, SAMPLE_STRIDE, negate)
-        map_shared(run, groups)  # the training thread takes a group too
+        map_shared(run, self._groups)  # the training thread takes a group too
         return pos, vals
 
 
