@@ -66,7 +66,7 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with UpdateStore.open(args.store) as store:
+    with UpdateStore.open(args.store) as store, store.pinned():  # one commit state for every figure
         meta = store.meta
         status = store.step_status()
         fp = store.footprint()
@@ -119,7 +119,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     ids = np.unique(_ids(args))
-    with UpdateStore.open(args.store) as store:
+    with UpdateStore.open(args.store) as store, store.pinned():  # one commit state for every figure
         found = store.contains(ids)
         steps = store.batches_containing(ids[found])
         others = np.setdiff1d(store.samples_in_steps(steps), ids)

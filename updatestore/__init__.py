@@ -33,6 +33,7 @@ from .errors import (  # noqa: E402
     SampleIdError,
     StepError,
     StoreBehindCheckpointError,
+    StoreChangedError,
     StoreExistsError,
     StoreLockedError,
     StoreNotFoundError,
@@ -60,4 +61,5 @@ __all__ = [
     "UpdateStoreError", "StoreNotFoundError", "StoreExistsError", "NotAStoreError", "UnsupportedFormatError",
     "ConfigError", "ModelMismatchError", "ReadOnlyStoreError", "RecorderError", "SampleIdError", "StepError",
     "WriterError", "CorruptStoreError", "StoreLockedError", "StoreBehindCheckpointError", "OtherRankError",
+    "StoreChangedError",
 ]

@@ -225,6 +225,13 @@ class StepTable:
     def invalidate(self) -> None:
         self.index = self.status = self.rows = None
 
+    def status_unchanged(self) -> bool:
+        """Whether the statuses on disk of the loaded steps are still the loaded ones (nothing loaded:
+        True). A purge writes them before it zeroes any row, so a reader comparing them after it
+        read rows knows whether some of those rows may already have been zeroed."""
+        n = 0 if self.status is None else len(self.status)
+        return n == 0 or bool(np.array_equal(self._root[paths.STATUS][:n], self.status))
+
     def forget_persisted(self) -> None:
         """Mark the persisted sorted index as covering nothing (before it is rewritten)."""
         INDEX_RECORD.write(self._root, 0, 0)

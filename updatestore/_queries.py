@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from ._format import read_state
 from ._index import SampleIndex, as_sample_ids, as_steps
-from .errors import ConfigError, StepError
+from .errors import ConfigError, CorruptStoreError, StepError, StoreChangedError
 
 __all__ = ["Queries"]
 
@@ -15,6 +18,51 @@ __all__ = ["Queries"]
 class Queries:
     """Mixed into :class:`UpdateStore`; needs ``_table``, ``_owners``, ``_where``, ``_counts()`` and
     ``_require_writable``/``_require_owner``."""
+
+    _pins = 0  # > 0 inside pinned(): _counts() keeps the commit state read when the block began
+
+    @contextmanager
+    def pinned(self) -> Iterator[Any]:
+        """Within the block, every query and read of this handle sees one commit state: the one read as it begins.
+
+        A ``"r"`` handle re-reads the store's commit record on each call, so that it follows another
+        process's commits and purges. Calls that must agree with each other (the steps a request
+        hits, their statuses, their rows) belong in one ``pinned()`` block — ``unlearn``'s methods use
+        one — which also spares the re-reads. Steps committed meanwhile are seen after the block; if
+        another handle purged or rolled back steps meanwhile, leaving the block raises
+        :class:`StoreChangedError` (what was read may mix two states: discard it and run again).
+        Blocks nest (the outermost checks); a ``"r+"`` handle that owns the store sees its own changes.
+
+        >>> with store.pinned():                                       # doctest: +SKIP
+        ...     steps = store.batches_containing([3, 17])
+        ...     rows = store.read(steps[store.step_status()[steps] == 1])
+        """
+        steps = self._counts()[0]
+        generation = self._table.generation
+        self._pins += 1
+        check = self._pins == 1 and (self._mode == "r" or self._rank != 0)  # another handle may write meanwhile
+        try:
+            yield self
+        except CorruptStoreError:  # rows zeroed by a purge under way fail their checks: say what happened
+            if check:
+                self._check_unchanged(steps, generation)
+            raise
+        finally:
+            self._pins -= 1
+        if check:
+            self._check_unchanged(steps, generation)
+
+    def _check_unchanged(self, steps: int, generation: int) -> None:
+        """Raise ``StoreChangedError`` if committed data changed in place since the commit state
+        ``(steps, generation)`` was read. A purge writes statuses, zeroes rows, then bumps the
+        generation; a rollback lowers the step count, erases rows, then bumps it: whichever point
+        it reached, one of the three checks sees it."""
+        now, _, gen = read_state(self._root, self._where)
+        if gen != generation or now < steps or not self._table.status_unchanged():
+            raise StoreChangedError(
+                f"store {self._where} was changed in place (a purge or a rollback by another handle) while this "
+                "one read it in store.pinned(): what was read may mix the two states; discard it and run again "
+                "(unlearn's methods have changed nothing when they raise this)")
 
     # ------------------------------------------------------------ queries
     def _index(self) -> tuple[SampleIndex, np.ndarray]:

@@ -22,6 +22,8 @@ __all__ = [
     "StepError",
     "StoreLockedError",
     "StoreBehindCheckpointError",
+    "OtherRankError",
+    "StoreChangedError",
 ]
 
 
@@ -88,3 +90,8 @@ class StoreBehindCheckpointError(UpdateStoreError, RuntimeError):
 class OtherRankError(UpdateStoreError, RuntimeError):
     """Under torch.distributed, a collective step (create, attach, checkpoint, close, unlearning)
     failed on another rank; that rank raised the cause, this one changed nothing more."""
+
+
+class StoreChangedError(UpdateStoreError, RuntimeError):
+    """Another process changed committed data in place (a purge, a rollback) while a read-only handle
+    read it inside ``store.pinned()``: what was read may mix two states and must not be used."""

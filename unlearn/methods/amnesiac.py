@@ -318,18 +318,22 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     auto = isinstance(keep, Auto)
     ratios = keep.ratios(AUTO_CANDIDATES) if isinstance(keep, Auto) else [keep]
     ks = [_counts_for(store, parts, r, clip=auto) for r in ratios]
-    req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge) and first,
-                  allow_unknown_model=allow_unknown_model)
-    read0 = store.bytes_read
-    best, table, applied = 0, [], False
-    if not dry_run and req.hit.size:
-        try:
-            news = [_new_values(store, pairs, _assemble(parts, targets, sums), max_update)
-                    for sums in _accumulate(store, parts, req.hit, dev, block_steps, progress, ks)]
-        except BaseException:
-            if sharded:
-                all_ok(False, group)
-            raise
+    best, table, applied, news = 0, [], False, None
+    # The request's steps, statuses and rows come from one commit state: a "r" handle otherwise
+    # re-reads the commit record on every query (8 times here, ~1 ms each).
+    with store.pinned():
+        req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge) and first,
+                      allow_unknown_model=allow_unknown_model)
+        read0, total = store.bytes_read, store.num_batches
+        if not dry_run and req.hit.size:
+            try:
+                news = [_new_values(store, pairs, _assemble(parts, targets, sums), max_update)
+                        for sums in _accumulate(store, parts, req.hit, dev, block_steps, progress, ks)]
+            except BaseException:
+                if sharded:
+                    all_ok(False, group)
+                raise
+    if news is not None:
         if sharded and not all_ok(True, group):  # nothing is applied on any rank
             raise OtherRankError("unlearning failed on another rank (see its error); this rank's shards are unchanged")
         if isinstance(keep, Auto):
@@ -366,7 +370,7 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
         entry, purged = commit()
     return UnlearnReport(
         method=method, requested=int(req.ids.size), found=int(req.found.sum()), unknown=req.unknown,
-        steps_hit=req.hit, steps_total=store.num_batches, steps_without_update=req.without_update,
+        steps_hit=req.hit, steps_total=total, steps_without_update=req.without_update,
         collateral=req.collateral, bytes_read=bytes_read, seconds=time.perf_counter() - t0, dry_run=dry_run,
         applied=applied, device=str(dev), keep={s.name: s.keep for s in store.layers},
         steps_already_subtracted=int(req.was_done.sum()), steps_unavailable=int(req.unavailable.size),
