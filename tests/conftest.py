@@ -88,6 +88,15 @@ def tiny():
 
 
 @pytest.fixture
+def persist_small(monkeypatch):
+    """Closes write the sorted index however few IDs it holds (the tests' stores are far below the
+    threshold), so that tests of the persisted cache have one to check."""
+    import updatestore._index
+
+    monkeypatch.setattr(updatestore._index, "PERSIST_MIN_SAMPLES", 0)
+
+
+@pytest.fixture
 def store_path(tmp_path):
     return tmp_path / "run.zarr"
 

@@ -103,7 +103,7 @@ def test_package_never_uses_pickle_or_unsafe_torch_load():
 
 
 @pytest.mark.parametrize("forge", ["samples off by one", "covers more steps than committed", "covers no samples"])
-def test_forged_index_record_is_rebuilt_from_the_sample_ids(tmp_path, forge):
+def test_forged_index_record_is_rebuilt_from_the_sample_ids(persist_small, tmp_path, forge):
     """The persisted sorted index is a cache: a record that vouches for it wrongly (with a
     valid CRC, as FORMAT.md defines it) is not trusted; queries equal a brute-force scan."""
     import zlib
@@ -147,7 +147,7 @@ def test_a_deleted_chunk_is_corruption_not_zeros(tmp_path, victim, message):
         assert torch.equal(p.detach(), before[n])
 
 
-def test_a_deleted_chunk_of_the_sorted_index_is_rebuilt(tmp_path):
+def test_a_deleted_chunk_of_the_sorted_index_is_rebuilt(persist_small, tmp_path):
     """The persisted sorted index is a cache: with a chunk gone it would map samples to step 0
     (which was then subtracted and purged); it is checked and rebuilt from the sample IDs."""
     from conftest import steps_with

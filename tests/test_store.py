@@ -193,7 +193,7 @@ def test_footprint_against_full_log(store_path):
     assert "full amnesiac log" in str(fp) and "fc1.weight" in str(fp)
 
 
-def test_sorted_index_is_persisted_and_extended(store_path):
+def test_sorted_index_is_persisted_and_extended(persist_small, store_path):
     import zarr
 
     model = make_tiny()
@@ -207,3 +207,25 @@ def test_sorted_index_is_persisted_and_extended(store_path):
     assert dict(zarr.open_group(store_path, mode="r")["index"].attrs)["steps"] == 10
     with UpdateStore.open(store_path) as again:
         assert again.batches_containing([51, 1003, 7]).tolist() == [3, 7, 11]
+
+
+def test_the_sorted_index_is_written_only_past_the_threshold(store_path, monkeypatch):
+    """A close writes the sorted index once an open would have to sort PERSIST_MIN_SAMPLES IDs; below,
+    the open sorts them (queries equal a brute-force scan either way)."""
+    import zarr
+
+    import updatestore._index
+    from conftest import steps_with
+
+    monkeypatch.setattr(updatestore._index, "PERSIST_MIN_SAMPLES", 50)
+    model = make_tiny()
+    with UpdateStore.create(store_path, model) as store:
+        _, ids = train(store, model, steps=6, ids_fn=lambda s: np.arange(8) + 5 * s)  # 48 IDs
+    assert dict(zarr.open_group(store_path, mode="r")["index"].attrs)["samples"] == 0  # covers nothing
+    with UpdateStore.open(store_path, "r+") as store:
+        _, more = train(store, model, steps=2, seed=1, ids_fn=lambda s: np.arange(8) + 100 + s)  # 64 IDs
+        ids += more
+    assert dict(zarr.open_group(store_path, mode="r")["index"].attrs)["samples"] == 64
+    with UpdateStore.open(store_path) as again:
+        for q in ([0], [7, 12], [100, 108, 999]):
+            assert again.batches_containing(q).tolist() == steps_with(ids, q)
