@@ -321,18 +321,20 @@ def amnesiac(model: torch.nn.Module, store: UpdateStore, sample_ids: Any = None,
     best, table, applied, news = 0, [], False, None
     # The request's steps, statuses and rows come from one commit state: a "r" handle otherwise
     # re-reads the commit record on every query (8 times here, ~1 ms each).
-    with store.pinned():
-        req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge) and first,
-                      allow_unknown_model=allow_unknown_model)
-        read0, total = store.bytes_read, store.num_batches
-        if not dry_run and req.hit.size:
-            try:
+    reading = False
+    try:
+        with store.pinned():
+            req = resolve(model, store, sample_ids, owners, writes=not dry_run and (ledger or purge) and first,
+                          allow_unknown_model=allow_unknown_model)
+            read0, total = store.bytes_read, store.num_batches
+            if not dry_run and req.hit.size:
+                reading = True  # every rank of an FSDP model: the steps hit are the same on each
                 news = [_new_values(store, pairs, _assemble(parts, targets, sums), max_update)
                         for sums in _accumulate(store, parts, req.hit, dev, block_steps, progress, ks)]
-            except BaseException:
-                if sharded:
-                    all_ok(False, group)
-                raise
+    except BaseException:  # leaving the block checks the store too (StoreChangedError)
+        if sharded and reading:
+            all_ok(False, group)
+        raise
     if news is not None:
         if sharded and not all_ok(True, group):  # nothing is applied on any rank
             raise OtherRankError("unlearning failed on another rank (see its error); this rank's shards are unchanged")
