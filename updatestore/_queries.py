@@ -27,7 +27,7 @@ class Queries:
 
         A ``"r"`` handle re-reads the store's commit record on each call, so that it follows another
         process's commits and purges. Calls that must agree with each other (the steps a request
-        hits, their statuses, their rows) belong in one ``pinned()`` block — ``unlearn``'s methods use
+        hits, their statuses, their rows) belong in one ``pinned()`` block — ``unlearn.amnesiac`` uses
         one — which also spares the re-reads. Steps committed meanwhile are seen after the block; if
         another handle purged or rolled back steps meanwhile, leaving the block raises
         :class:`StoreChangedError` (what was read may mix two states: discard it and run again).
@@ -62,7 +62,7 @@ class Queries:
             raise StoreChangedError(
                 f"store {self._where} was changed in place (a purge or a rollback by another handle) while this "
                 "one read it in store.pinned(): what was read may mix the two states; discard it and run again "
-                "(unlearn's methods have changed nothing when they raise this)")
+                "(unlearn.amnesiac has changed nothing when it raises this)")
 
     # ------------------------------------------------------------ queries
     def _index(self) -> tuple[SampleIndex, np.ndarray]:
