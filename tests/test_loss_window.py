@@ -16,6 +16,12 @@ from test_lifecycle import run_steps
 from updatestore import CorruptStoreError, UpdateStore
 
 
+def _rows(store):
+    """Each committed step's layer row (the step table, loaded by any query)."""
+    store.step_status()
+    return store._table.rows
+
+
 class CountingSets(LocalStore):
     """A local store that counts how often each key is written."""
 
@@ -54,7 +60,7 @@ def test_a_commit_per_step_writes_every_shard_once_and_reads_back_identically(tm
     _, once, _ = record(tmp_path / "once", None)
     layer_writes = {k: n for k, n in base.sets.items() if k.startswith("layers/") and "/c/" in k}
     assert layer_writes and max(layer_writes.values()) == 1, layer_writes
-    rows = often._table.rows
+    rows = _rows(often)
     assert len(rows) == 12 and (np.diff(rows) > 0).all()
     assert rows[1] >= often.meta["block_steps"]  # each commit closed its shard
     steps = np.arange(12)
@@ -73,7 +79,7 @@ def test_arrays_grow_ahead_of_the_commits_and_close_exact(tmp_path):
             and k.count("/") == 3}
     assert meta and max(meta.values()) <= 3, meta  # created, grown once, trimmed at close (was 13)
     root = zarr.open_group(str(tmp_path / "often"), mode="r")
-    end = int(often._table.rows[-1]) + 1
+    end = int(_rows(often)[-1]) + 1
     for spec in often.layers:
         assert root[f"layers/{spec.name}/values"].shape[0] == end
     assert root["steps/status"].shape[0] == root["steps/row"].shape[0] == 12
@@ -90,7 +96,7 @@ def test_a_run_written_only_at_close_grows_each_array_once_to_its_exact_size(tmp
     assert meta and max(meta.values()) <= 2, meta  # created, grown once (was: and trimmed at close)
     root = zarr.open_group(str(tmp_path / "once"), mode="r")
     for spec in once.layers:
-        assert root[f"layers/{spec.name}/values"].shape[0] == int(once._table.rows[-1]) + 1
+        assert root[f"layers/{spec.name}/values"].shape[0] == int(_rows(once)[-1]) + 1
     assert root["steps/status"].shape[0] == 12 and root["samples/ids"].shape[0] == 48
 
 
@@ -120,7 +126,7 @@ def test_a_store_left_mid_run_with_grown_arrays_reopens_reads_and_appends(tmp_pa
         got = b.read(np.arange(6))
         for n in got:
             assert torch.equal(got[n].values, ref[n].values) and torch.equal(got[n].positions, ref[n].positions)
-        end = int(b._table.rows[-1]) + 1
+        end = int(_rows(b)[-1]) + 1
     root = zarr.open_group(str(tmp_path / "b"), mode="r")
     assert root[f"layers/{name}/values"].shape[0] == end and root["steps/status"].shape[0] == 6
 
@@ -154,7 +160,7 @@ def test_resume_into_a_closed_shard_starts_the_next_one(tmp_path):
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         run_steps(rec, model, opt, range(3, 6))
     store._index()
-    assert store._table.rows.tolist() == [0, 1, 2, block, block + 1, block + 2]
+    assert _rows(store).tolist() == [0, 1, 2, block, block + 1, block + 2]
     ref = store.read([0, 1, 2])
     # Resume from the checkpoint: steps 3..5 are rolled back and their rows erased.
     model.load_state_dict(saved)
