@@ -47,6 +47,14 @@ def train(store, model, *, steps=20, batch=8, lr=0.1, seed=0, ids_fn=None, momen
     return oracle, all_ids
 
 
+def tiny_step(rec, model, opt, ids):
+    """One recorded optimizer step of a ``Tiny`` model on random inputs, for batch ``ids``."""
+    with rec.batch(ids):
+        opt.zero_grad()
+        model(torch.randn(2, model.fc1.in_features)).sum().backward()
+        opt.step()
+
+
 def read_rows(store, layer, start, stop):
     """``(values, positions)`` of steps ``start..stop-1`` of one layer, through the public ``store.read``."""
     rows = store.read(np.arange(start, stop), [layer])[layer]

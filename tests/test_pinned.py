@@ -11,7 +11,7 @@ import unlearn
 import updatestore._purge
 import updatestore._queries
 import updatestore.store
-from conftest import make_tiny, train
+from conftest import make_tiny, tiny_step, train
 from updatestore import StoreChangedError, UpdateStore
 
 STORES = [dict(keep=1.0, value_dtype="float32"), dict(keep=0.3)]  # dense rows (a zero row decodes), bitmap rows
@@ -33,17 +33,13 @@ def test_pinned_reader_sees_commits_after_the_block(tmp_path):
     store = UpdateStore.create(tmp_path / "s", model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with store.recorder(model, opt) as rec:
-        def step(i):
-            with rec.batch([i]):
-                opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
-
         for i in range(3):
-            step(i)
+            tiny_step(rec, model, opt, [i])
         store.flush()
         reader = UpdateStore.open(tmp_path / "s")
         with reader.pinned():
             assert reader.num_batches == 3
-            step(3)
+            tiny_step(rec, model, opt, [3])
             store.flush()
             with reader.pinned():  # nested: the same state
                 assert reader.num_batches == 3 and reader.batches_containing([3]).size == 0
@@ -115,8 +111,7 @@ def test_a_rollback_while_a_reader_reads_is_refused(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with UpdateStore.create(tmp_path / "s", model) as store, store.recorder(model, opt) as rec:
         for i in range(6):
-            with rec.batch([i]):
-                opt.zero_grad(); model(torch.randn(2, 12)).sum().backward(); opt.step()
+            tiny_step(rec, model, opt, [i])
             if i == 2:
                 state, weights = rec.state_dict(), copy.deepcopy(model.state_dict())
     reader = UpdateStore.open(tmp_path / "s")

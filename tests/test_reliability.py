@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from updatestore import StoreLockedError, UpdateStore
-from conftest import read_rows
+from conftest import read_rows, tiny_step
 
 
 def test_second_writer_refused_reader_allowed(store_path, tiny):
@@ -147,8 +147,7 @@ def test_reader_sees_only_committed_steps(store_path, tiny):
     store = UpdateStore.create(store_path, tiny)
     with store.recorder(tiny, opt) as rec:
         def step(i):
-            with rec.batch([i]):
-                opt.zero_grad(); tiny(torch.randn(2, 12)).sum().backward(); opt.step()
+            tiny_step(rec, tiny, opt, [i])
 
         for i in range(5):
             step(i)
