@@ -131,3 +131,33 @@ def test_a_pinned_block_that_raises_is_not_checked(tmp_path):
         with reader.pinned():
             1 / 0
     assert reader.num_batches == 4 and reader._pins == 0
+
+
+def test_a_reader_checks_shards_again_after_another_handle_rolled_back(tmp_path):
+    """Its record of which shards exist is dropped with the generation: a rollback elsewhere erases
+    shard 1 and the resumed run writes it again; deleted after that, it is corruption to this
+    reader too, not zeros it had checked before the rollback."""
+    import os
+
+    from updatestore import CorruptStoreError
+
+    model = make_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "s"
+    with UpdateStore.create(path, model, keep=1.0, value_dtype="float32", buffer_bytes=1 << 16) as store, \
+            store.recorder(model, opt) as rec:
+        for i in range(3):
+            tiny_step(rec, model, opt, [i])
+        store.flush()  # steps 0..2 in shard 0, closed
+        state, weights = rec.state_dict(), copy.deepcopy(model.state_dict())
+        for i in range(3, 6):
+            tiny_step(rec, model, opt, [i])  # shard 1
+    reader = UpdateStore.open(path)
+    reader.read(np.arange(6))  # checks that shards 0 and 1 exist
+    model.load_state_dict(weights)
+    with UpdateStore.open(path, "r+") as writer, writer.recorder(model, opt, resume=state) as rec:
+        for i in range(3, 6):
+            tiny_step(rec, model, opt, [10 + i])  # shard 1 again
+    os.remove(path / "layers" / "fc1.weight" / "values" / "c" / "1" / "0")
+    with pytest.raises(CorruptStoreError, match="missing"):
+        reader.read(np.arange(6))

@@ -170,6 +170,7 @@ class Reader:
         self._strict = meta.get("chunks_always_written") is True
         self._arrays: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
         self._verified: set[tuple[str, int]] = set()
+        self._generation = 0  # the store's generation the caches above hold for
 
     def spec(self, layer: str) -> LayerSpec:
         spec = self._specs.get(layer)
@@ -211,12 +212,16 @@ class Reader:
                                         f"committed steps use {num_rows}; restore it from a backup")
         return arrays
 
-    def read(self, layers: list[str], steps: np.ndarray, rows: np.ndarray, status: np.ndarray) -> dict[str, Rows]:
+    def read(self, layers: list[str], steps: np.ndarray, rows: np.ndarray, status: np.ndarray,
+             generation: int = 0) -> dict[str, Rows]:
         """Rows of sorted, unique ``steps`` (validated by the caller) for ``layers``.
 
-        ``rows`` and ``status`` are the layer rows and statuses of exactly those steps.
-        Every array of every layer is fetched concurrently (``shards.read_rows``).
+        ``rows`` and ``status`` are the layer rows and statuses of exactly those steps, at the store's
+        ``generation``. Every array of every layer is fetched concurrently (``shards.read_rows``).
         """
+        if generation != self._generation:  # a purge or rollback elsewhere erased shards: check them again
+            self.invalidate()
+            self._generation = generation
         specs = [self.spec(name) for name in layers]
         need = int(rows[-1]) + 1 if rows.size else 0
         recorded = status == STATUS_RECORDED

@@ -290,7 +290,7 @@ class UpdateStore(Queries, Upkeep):
         parts = {s.name: [p for p in self._specs if p.part is not None and p.part[0] == s.name]
                  for s in self._layers if s.name in names and s not in self._specs}
         stored = [p.name for n in names for p in parts.get(n, [])] + [n for n in names if n not in parts]
-        got = self._reader.read(stored, steps, self._table.rows[steps], status[steps])
+        got = self._reader.read(stored, steps, self._table.rows[steps], status[steps], self._table.generation)
         return {n: PartRows(n, steps, [(p.part[1], got[p.name]) for p in parts[n]]) if n in parts else got[n]
                 for n in names}
 
