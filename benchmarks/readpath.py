@@ -4,8 +4,9 @@ Prints each target of the read path next to what this run reached (medians of in
 repeats): a 4.3M-parameter MLP (keep 0.1 bf16) against one safetensors file of dense Δθ per
 step, cold (page cache evicted) and warm; an MNIST-sized CNN against Graves-style per-step
 pickled dense deltas; the floor (bytes ÷ measured sequential read bandwidth, plus
-decompressing them and scatter-adding the kept entries in a tight single-thread loop); and
-peak memory against the number of steps hit.
+decompressing them and scatter-adding the kept entries in a tight single-thread loop); peak
+memory against the number of steps hit; and, with no target, small requests (1 / 3 / 10 steps),
+where the full log is the faster.
 
 Run: ``python -m benchmarks.readpath [--quick]``
 """
@@ -175,6 +176,7 @@ def versus_full_log(tmp: Path, steps_recorded: int, hit: int, repeats: int) -> d
                 evict(full.dir)
             m = _fresh(wide_mlp, state)
             t[f"full_{tag}"].append(_time(lambda: _full_log_unlearn(m, full.dir, steps), cpu[f"full_{tag}"]))
+    small = small_requests(store, full, state, steps, repeats + 2)
     read = unlearn.amnesiac(_fresh(wide_mlp, state), store, ids, ledger=False, purge=False).bytes_read
     read_lz4 = unlearn.amnesiac(_fresh(wide_mlp, state), fast, ids, ledger=False, purge=False).bytes_read
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -182,7 +184,29 @@ def versus_full_log(tmp: Path, steps_recorded: int, hit: int, repeats: int) -> d
     return {"steps_recorded": store.num_batches, "steps_hit": hit, "seconds": med, "all": t,
             "cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
             "store_bytes_read": read, "lz4_bytes_read": read_lz4, "first_call_s": first, "full_bytes_read": full_bytes, "compute_floor_s": compute_floor(store, steps),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "small_requests": small}
+
+
+#: Steps hit by the small requests (a few users' samples), measured warm beside the full log.
+SMALL_REQUESTS = (1, 3, 10)
+
+
+def small_requests(store: UpdateStore, full, state: dict, steps: np.ndarray, repeats: int) -> list[dict]:
+    """Warm seconds of the first 1 / 3 / 10 of ``steps`` from the store and from the full log (interleaved):
+    no target, shown because the full log wins there (the store's per-request passes over every weight,
+    the fingerprint among them, cost more than reading a few dense files)."""
+    out = []
+    for n in SMALL_REQUESTS:
+        sub = steps[:n]
+        ids = store.samples_in_steps(sub)
+        ts, tf = [], []
+        for _ in range(repeats):
+            m = _fresh(wide_mlp, state)
+            ts.append(_time(lambda: unlearn.amnesiac(m, store, ids, ledger=False, purge=False)))
+            m = _fresh(wide_mlp, state)
+            tf.append(_time(lambda: _full_log_unlearn(m, full.dir, sub)))
+        out.append({"steps_hit": n, "store_s": statistics.median(ts), "full_s": statistics.median(tf)})
+    return out
 
 
 def versus_pickled(tmp: Path, samples: int, batch: int, hit: int, repeats: int) -> dict:
@@ -283,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         ["the same, `codec=\"lz4\"`: cold / warm", "≥ 10× / ≥ 1.5×",
          f"{s['full_cold'] / s['lz4_cold']:.1f}× / {s['full_warm'] / s['lz4_warm']:.2f}×",
          f"store {s['lz4_cold']:.3f} / {s['lz4_warm']:.3f} s, reads {a['lz4_bytes_read'] / 2**20:.1f} MiB"],
+        ["wide MLP, small requests (" + " / ".join(str(r["steps_hit"]) for r in a["small_requests"]) +
+         " steps), warm: full log ÷ store", "— (no target)",
+         " / ".join(f"{r['full_s'] / r['store_s']:.2f}×" for r in a["small_requests"]),
+         "store " + " / ".join(f"{r['store_s'] * 1e3:.0f}" for r in a["small_requests"]) + " ms, full log " +
+         " / ".join(f"{r['full_s'] * 1e3:.0f}" for r in a["small_requests"]) + " ms"],
         ["MNIST CNN, warm: pickled deltas ÷ store", "≥ 3×", f"{b['pickled_s'] / b['store_s']:.1f}×",
          f"store {b['store_s']:.3f} s, pickled {b['pickled_s']:.3f} s ({b['steps_hit']} of {b['steps_recorded']} steps)"],
         ["wide MLP, cold: store ÷ floor", "≤ 2×", f"{s['store_cold'] / floor_cold:.2f}×",
