@@ -20,6 +20,9 @@ class Queries:
     ``_require_writable``/``_require_owner``."""
 
     _pins = 0  # > 0 inside pinned(): _counts() keeps the commit state read when the block began
+    # Another handle writes what this one reads (a "r" handle, or a rank > 0 of a collective "r+" store):
+    # its commit state comes from the commit record, re-read per call unless pinned.
+    _follows = property(lambda self: self._mode == "r" or self._rank != 0)
 
     @contextmanager
     def pinned(self) -> Iterator[Any]:
@@ -40,7 +43,7 @@ class Queries:
         steps = self._counts()[0]
         generation = self._table.generation
         self._pins += 1
-        check = self._pins == 1 and (self._mode == "r" or self._rank != 0)  # another handle may write meanwhile
+        check = self._pins == 1 and self._follows  # another handle may write meanwhile
         try:
             yield self
         except CorruptStoreError:  # rows zeroed by a purge under way fail their checks: say what happened

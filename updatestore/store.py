@@ -177,7 +177,7 @@ class UpdateStore(Queries, Upkeep):
     def _counts(self) -> tuple[int, int]:
         if self._writer is not None and self._writer.owner:
             self._steps, self._samples = self._writer.committed_steps, self._writer.committed_samples
-        elif (self._mode == "r" or self._rank != 0) and not self._pins:  # others commit: their record says what is safe
+        elif self._follows and not self._pins:  # others commit: their record says what is safe
             self._steps, self._samples, self._table.generation = read_state(self._root, self._where)
         return self._steps, self._samples
 
