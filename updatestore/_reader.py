@@ -158,7 +158,8 @@ def read_plan(sel: slice | np.ndarray, chunk_rows: int) -> tuple[list[slice], np
 
 
 class Reader:
-    """Reads and decodes rows of a store's layers; array handles are cached per step count."""
+    """Reads and decodes rows of a store's layers; array handles and the shards found to exist are cached
+    per step count and per store generation (a purge or rollback elsewhere drops them)."""
 
     def __init__(self, root: zarr.Group, specs: tuple[LayerSpec, ...], meta: dict, where: str) -> None:
         self._root = root
